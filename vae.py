@@ -1,0 +1,329 @@
+"""The Stable Diffusion 1.x variational autoencoder (AutoencoderKL), written from scratch.
+
+The VAE of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models", https://arxiv.org/abs/2112.10752) maps an RGB image in [-1, 1] to a diagonal
+Gaussian over latents 8× smaller per side (4 channels), and latents back to images.
+Stable Diffusion works on `mean × 0.18215`, a scale that gives the latents roughly unit variance.
+
+Module names equal the keys of the official diffusers-format weights
+(CompVis/stable-diffusion-v1-4 `vae/diffusion_pytorch_model.safetensors` + `config.json`),
+so they load with `load_state_dict(strict=True)`; the only rename is the one for older files
+(see `LEGACY_ATTENTION_NAMES`). Checked number for number against diffusers' AutoencoderKL.
+"""
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+SCALING_FACTOR = 0.18215  # SD 1.x: latents × this have roughly unit variance
+GROUP_NORM_EPS = 1e-6  # every GroupNorm of the VAE, the attention's included
+LOGVAR_RANGE = (-30.0, 20.0)  # the encoder's log-variance is clamped to this range
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' "fp16" variant
+DOWNLOAD_HINT = "run `python weights/download.py`"
+# Files saved by diffusers before 0.14 name the mid-block attention's linear layers
+# query/key/value/proj_attn; diffusers renames them on load, and so do we.
+LEGACY_ATTENTION_NAMES = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+@dataclass
+class VAEConfig:
+    """Hyperparameters read from the vae/config.json of a diffusers checkpoint (defaults: SD 1.x)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = SCALING_FACTOR
+
+    @classmethod
+    def from_json(cls, file: Path) -> "VAEConfig":
+        try:
+            raw = json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it again.") from None
+        # This file implements only the SD 1.x design: plain ResNet blocks, SiLU, both quant convs.
+        required = {"_class_name": "AutoencoderKL", "act_fn": "silu", "use_quant_conv": True,
+                    "use_post_quant_conv": True, "mid_block_add_attention": True}
+        unsupported = {key: raw[key] for key, value in required.items() if raw.get(key, value) != value}
+        for key, block in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")]:
+            if set(raw.get(key, [block])) != {block}:
+                unsupported[key] = raw[key]
+        if unsupported:
+            raise ValueError(f"{file} has settings that vae.py does not implement ({unsupported}); "
+                             "vae.py is the Stable Diffusion 1.x AutoencoderKL.")
+        config = cls(**{f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None})
+        config.block_out_channels = tuple(config.block_out_channels)
+        return config
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=GROUP_NORM_EPS)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(SiLU(norm(conv(SiLU(norm(x)))))), with a 1×1 conv on the skip path when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place SiLU and residual add: the norm and conv outputs are not needed again
+        # (autograd saves the norms' inputs), which saves memory and time at full resolution.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H×W positions, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # to_out.0 (diffusers' to_out.1 is a dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C): one token per position
+        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # one head of width C
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
+        return h.add_(x)
+
+
+class MidBlock(nn.Module):
+    """ResNet block, attention, ResNet block: the only place where the VAE looks globally."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The original CompVis model pads only right and bottom, then a stride-2 3×3 conv: H → H/2.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                                     for i in range(layers))
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.resnets, *self.downsamplers]:
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                                     for i in range(layers))
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in [*self.resnets, *self.upsamplers]:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) → (B, 2·latent, H/f, W/f): the mean and log-variance, f = 2^(blocks − 1)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block, groups, i < len(widths) - 1)
+            for i in range(len(widths)))
+        self.mid_block = MidBlock(widths[-1], groups)
+        self.conv_norm_out = group_norm(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+
+
+class Decoder(nn.Module):
+    """(B, latent, h, w) → (B, 3, h·f, w·f); the encoder mirrored, one more ResNet block per level."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels[::-1], config.norm_num_groups  # widest first
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block + 1, groups, i < len(widths) - 1)
+            for i in range(len(widths)))
+        self.conv_norm_out = group_norm(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+
+
+class DiagonalGaussian:
+    """N(mean, diag(std²)) over latents, from the encoder's (B, 2·latent, h, w) moments."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)  # keeps exp() finite
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # Draw the noise on the generator's device (as diffusers does) so a CPU generator seeds GPU runs too.
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)  # z = μ + σ·ε
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images (B, 3, H, W) in [-1, 1], H and W multiples of the downsampling factor (8 for SD)."""
+        f, channels = self.downsampling_factor, self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"VAE.encode expects images of shape (B, {channels}, H, W) with H and W multiples of "
+                             f"{f}, got {tuple(images.shape)}; resize or crop the images first.")
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, 4, h, w), unscaled → images (B, 3, h·8, w·8), roughly in [-1, 1]."""
+        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
+            raise ValueError(f"VAE.decode expects latents of shape (B, {self.config.latent_channels}, h, w), "
+                             f"got {tuple(latents.shape)}.")
+        return self.decoder(self.post_quant_conv(latents))
+
+    def images_to_latents(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """The diffusion model's input: (posterior mean, or a sample) × scaling_factor."""
+        posterior = self.encode(images)
+        latents = posterior.sample(generator) if sample else posterior.mean
+        return latents * self.config.scaling_factor
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode(latents / self.config.scaling_factor)
+
+
+def _first_keys(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:10]) + (f", … ({len(keys)} in all)" if len(keys) > 10 else "")
+
+
+def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
+    """Load a diffusers-format VAE: the vae/ folder (config.json + safetensors) or a bare .safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion weights.")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
+        config = VAEConfig.from_json(path / "config.json")
+        file = next((path / name for name in (WEIGHTS_NAME, FP16_WEIGHTS_NAME) if (path / name).is_file()), None)
+        if file is None:
+            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {FP16_WEIGHTS_NAME}; {DOWNLOAD_HINT}.")
+    else:
+        config, file = VAEConfig(), path  # a bare file: the SD 1.x design, checked against the tensors below
+    try:
+        state_dict = load_file(file)
+    except Exception as err:  # safetensors raises its own error types for a bad header or a short file
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt, "
+                         f"{DOWNLOAD_HINT} to fetch it again.") from None
+    for old, new in LEGACY_ATTENTION_NAMES.items():
+        state_dict = {k.replace(".attentions.0." + old, ".attentions.0." + new): v for k, v in state_dict.items()}
+
+    with torch.device("meta"):  # shapes only; the real tensors come from the file
+        model = VAE(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        hint = "" if missing != expected.keys() else " (it holds no VAE weights: is it a UNet or CLIP file?)"
+        raise ValueError(f"{file} does not match the VAE of {config}{hint}: {len(missing)} missing keys "
+                         f"[{_first_keys(missing)}] and {len(unexpected)} unexpected keys [{_first_keys(unexpected)}]; "
+                         f"point to a Stable Diffusion 1.x vae/ folder or {DOWNLOAD_HINT}.")
+    wrong = [f"{k} {tuple(state_dict[k].shape)} ≠ {shape}" for k, shape in expected.items()
+             if tuple(state_dict[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {config}: [{_first_keys(wrong)}]; "
+                         f"check config.json or {DOWNLOAD_HINT}.")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+if __name__ == "__main__":
+    import torchvision.transforms as T
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(description="Encode and decode an image with the SD 1.x VAE; print the PSNR.")
+    parser.add_argument("image", help="path to an image file")
+    parser.add_argument("--vae", default="weights/stable-diffusion-v1-4/vae", help="vae/ folder or .safetensors")
+    parser.add_argument("--size", type=int, default=512, help="resize + centre-crop side, in pixels")
+    args = parser.parse_args()
+    try:
+        vae = load_vae(args.vae)
+    except FileNotFoundError as err:
+        sys.exit(str(err))
+    to_tensor = T.Compose([T.Resize(args.size), T.CenterCrop(args.size), T.ToTensor()])  # [0, 1]
+    x = to_tensor(Image.open(args.image).convert("RGB"))[None] * 2 - 1  # (1, 3, S, S) in [-1, 1]
+    with torch.no_grad():
+        latents = vae.images_to_latents(x)
+        y = vae.latents_to_images(latents).clamp(-1, 1)
+    mse = ((y - x) / 2).pow(2).mean().item()  # on the [0, 1] scale
+    print(f"latents {tuple(latents.shape)}, std {latents.std():.3f}; round trip PSNR {10 * math.log10(1 / mse):.2f} dB")
