@@ -1,0 +1,510 @@
+"""CLIP from scratch: ViT image tower, causal text transformer, BPE tokenizer, preprocessing.
+
+CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) embeds images and captions in one
+space; a caption matches an image when their cosine similarity is high. This file follows
+OpenAI's model (https://github.com/openai/CLIP) and loads the official Hugging Face
+checkpoints as they are: openai/clip-vit-{base-patch32, base-patch16, large-patch14,
+large-patch14-336} (config.json + model.safetensors) and Stable Diffusion 1.x's text encoder
+(text_encoder/, a text tower only, whose last hidden state conditions the UNet). Module
+names are the checkpoint's keys, so the state dict loads with strict=True.
+
+    model = load_clip("weights/clip-vit-base-patch32")
+    tokenizer = Tokenizer.from_pretrained("weights/clip-vit-base-patch32")
+    logits = model(image_transform(224)(pil_image)[None], tokenizer(["a photo of a cat"]))
+"""
+
+import gzip
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchvision import transforms
+
+CONTEXT_LENGTH = 77  # text positions of every released CLIP
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per-channel pixel statistics of CLIP's training set
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+LEGACY_EOS_TOKEN_ID = 2  # older Hugging Face configs carry eos_token_id=2: pool at argmax(ids) instead
+DOWNLOAD_HINT = "run `python weights/download.py` (see weights/README.md)"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TextConfig:  # defaults: the text tower of ViT-B/32
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = CONTEXT_LENGTH
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+
+
+@dataclass
+class VisionConfig:  # defaults: ViT-B/32
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class CLIPConfig:
+    text: TextConfig
+    vision: VisionConfig | None = None  # None: a text tower only (Stable Diffusion's text encoder)
+    projection_dim: int | None = 512
+    logit_scale_init_value: float = 2.6592  # log(1 / 0.07)
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "CLIPConfig":
+        """Read a Hugging Face config.json: a CLIPModel's, or a CLIPTextModel's (flat)."""
+        if config.get("model_type") == "clip_text_model":
+            return cls(text=_from_dict(TextConfig, config), projection_dim=None)
+        return cls(
+            text=_from_dict(TextConfig, config.get("text_config"), config.get("text_config_dict")),
+            vision=_from_dict(VisionConfig, config.get("vision_config"), config.get("vision_config_dict")),
+            projection_dim=config.get("projection_dim", 512),
+            logit_scale_init_value=config.get("logit_scale_init_value", 2.6592),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers' CLIPModel / CLIPTextModel reads."""
+        text = {**asdict(self.text), "model_type": "clip_text_model", "bos_token_id": 49406, "pad_token_id": 1}
+        if self.vision is None:
+            return {**text, "architectures": ["CLIPTextModel"]}
+        return {
+            "architectures": ["CLIPModel"],
+            "model_type": "clip",
+            "text_config": {**text, "projection_dim": self.projection_dim},
+            "vision_config": {**asdict(self.vision), "model_type": "clip_vision_model", "projection_dim": self.projection_dim},
+            "projection_dim": self.projection_dim,
+            "logit_scale_init_value": self.logit_scale_init_value,
+        }
+
+
+def _from_dict(cls, values: dict | None, override: dict | None = None):
+    known = {f.name for f in fields(cls)}
+    merged = {k: v for k, v in (values or {}).items() if k in known}
+    if override is not None:  # older files' `*_config_dict`: with the defaults, it replaces `*_config`
+        merged.update(asdict(cls()) | {k: v for k, v in override.items() if k in known})
+    return cls(**merged)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)  # OpenAI's sigmoid approximation of GELU
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, T, head_dim)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[act]
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: TextConfig | VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig | VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, causal)
+        return x
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids → (B, T, width) last hidden state: Stable Diffusion's conditioning."""
+        # Causal: CLIP was trained as a left-to-right model, so each token sees only those before
+        # it. The end-of-text token, which pools the caption, has seen the whole caption, and
+        # whatever padding follows it cannot change it.
+        return self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True))
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, num_patches, width)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels → (B, width): the class token after post_layernorm."""
+        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)), causal=False)
+        return self.post_layernorm(x[:, 0])
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = TextTransformer(config.text)
+        self.vision_model = None
+        if config.vision is not None:
+            self.vision_model = VisionTransformer(config.vision)
+            self.visual_projection = nn.Linear(config.vision.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = nn.Linear(config.text.hidden_size, config.projection_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))  # log of the temperature
+
+    def _require_vision(self) -> None:
+        if self.vision_model is None:
+            raise ValueError("this checkpoint holds a text tower only (e.g. Stable Diffusion's text_encoder/): "
+                             "it has no image tower or projections; use model.text_model(ids) for its hidden states")
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, projection_dim), projected, not normalised."""
+        self._require_vision()
+        return self.visual_projection(self.vision_model(pixels))
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids → (B, projection_dim), projected, not normalised."""
+        self._require_vision()
+        hidden = self.text_model(ids)  # (B, T, width)
+        # The caption is summarised by the end-of-text token. OpenAI finds it as the largest id
+        # (EOT is the last in the vocabulary); transformers keeps that for configs with the old
+        # eos_token_id=2 and otherwise takes the first position holding eos_token_id.
+        if self.config.text.eos_token_id == LEGACY_EOS_TOKEN_ID:
+            eot = ids.argmax(dim=-1)
+        else:
+            eot = (ids == self.config.text.eos_token_id).int().argmax(dim=-1)
+        return self.text_projection(hidden[torch.arange(ids.shape[0], device=ids.device), eot])
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """logits_per_image (B_img, B_txt) = cosine similarity × exp(logit_scale)."""
+        image = F.normalize(self.encode_image(pixels), dim=-1)
+        text = F.normalize(self.encode_text(ids), dim=-1)
+        return self.logit_scale.exp() * image @ text.t()
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
+
+def _config_from_shapes(state: dict[str, torch.Tensor]) -> CLIPConfig:
+    """For a bare .safetensors file: read sizes off the tensors, as OpenAI's build_model does.
+    Head counts are not stored anywhere; every released CLIP uses 64-dimensional heads."""
+
+    def layers(prefix: str) -> int:
+        return len({k.split(".")[3] for k in state if k.startswith(f"{prefix}.encoder.layers.")})
+
+    tok = state["text_model.embeddings.token_embedding.weight"]
+    text = TextConfig(
+        vocab_size=tok.shape[0], hidden_size=tok.shape[1],
+        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers("text_model"), num_attention_heads=tok.shape[1] // 64,
+        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+    )
+    if "vision_model.embeddings.patch_embedding.weight" not in state:
+        return CLIPConfig(text=text, projection_dim=None)
+    patch = state["vision_model.embeddings.patch_embedding.weight"]  # (width, 3, p, p)
+    grid = math.isqrt(state["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)
+    vision = VisionConfig(
+        hidden_size=patch.shape[0], intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers("vision_model"), num_attention_heads=patch.shape[0] // 64,
+        image_size=grid * patch.shape[-1], patch_size=patch.shape[-1], num_channels=patch.shape[1],
+    )
+    return CLIPConfig(text=text, vision=vision, projection_dim=state["visual_projection.weight"].shape[0])
+
+
+def _first(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CLIP:
+    """Load a CLIP (or a CLIP text encoder) from a Hugging Face checkpoint folder or a .safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found — {DOWNLOAD_HINT}")
+    file, config_file = (path / "model.safetensors", path / "config.json") if path.is_dir() else (path, None)
+    if not file.is_file():
+        extra = " (this loader reads safetensors only, never pickled .bin files)" if (path / "pytorch_model.bin").exists() else ""
+        raise FileNotFoundError(f"{file} not found{extra} — {DOWNLOAD_HINT}")
+    try:
+        state = load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt — download it again") from None
+
+    # Dropped on purpose: older files store the position_ids buffers; they are always arange(n).
+    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    # transformers 5 saves a bare text encoder without the `text_model.` prefix the hub's files carry.
+    if "embeddings.token_embedding.weight" in state:
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    if "text_model.embeddings.token_embedding.weight" not in state:
+        raise ValueError(f"{file} is not a CLIP checkpoint: it has no text_model.embeddings.token_embedding.weight "
+                         f"(its first keys: {_first(sorted(state), 5)})")
+
+    if config_file is not None and config_file.is_file():
+        try:
+            config = CLIPConfig.from_hf(json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{config_file} is not a valid CLIP config.json ({err})") from None
+    else:
+        config = _config_from_shapes(state)
+
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+        model = CLIP(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{file} does not match its config ({config_file or 'derived from the tensor shapes'}): "
+                         f"missing keys [{_first(missing)}], unexpected keys [{_first(unexpected)}]")
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(s)})" for k, s in expected.items() if state[k].shape != s]
+    if wrong:
+        raise ValueError(f"{file} has tensors of the wrong shape for its config: {_first(wrong)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_clip(model: CLIP, folder: str | Path) -> None:
+    """Write model.safetensors + config.json in Hugging Face layout (loads in transformers and here)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@lru_cache
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE works on bytes; each byte gets a printable unicode stand-in so that merges
+    can be written as text. Printable bytes stand for themselves and come first (the order
+    defines the first 256 token ids); the others are shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's cleaning: fix mojibake, unescape html (twice: some captions are double-escaped),
+    collapse whitespace, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE tokenizer (OpenAI's simple_tokenizer): 49,408 tokens, words end in </w>."""
+
+    PATTERN = regex.compile(
+        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+    )
+
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
+        self.encoder = encoder
+        self.decoder = {i: t for t, i in encoder.items()}
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.sot_id, self.eot_id = encoder[SOT], encoder[EOT]
+        self.cache = {SOT: SOT, EOT: EOT}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        """A folder with vocab.json + merges.txt (Hugging Face), or OpenAI's bpe_simple_vocab_16e6.txt.gz."""
+        path = Path(path)
+        if path.is_dir() and not (path / "vocab.json").exists() and (path / "bpe_simple_vocab_16e6.txt.gz").exists():
+            path = path / "bpe_simple_vocab_16e6.txt.gz"
+        if path.suffix == ".gz":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found")
+            return cls.from_openai_bpe(path)
+        for name in ("vocab.json", "merges.txt"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer needs vocab.json and merges.txt — {DOWNLOAD_HINT}")
+        encoder = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return cls(encoder, merges)
+
+    @classmethod
+    def from_openai_bpe(cls, path: str | Path) -> "Tokenizer":
+        """OpenAI's file lists merges only; the vocabulary is 256 bytes, the same with </w>, one
+        token per merge (48,894 of them) and the two special tokens, in that order."""
+        merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1 : 48894 + 1]]
+        vocab = list(bytes_to_unicode().values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + [SOT, EOT]
+        return cls({t: i for i, t in enumerate(vocab)}, merges)
+
+    def bpe(self, word: str) -> list[str]:
+        """Merge the characters of one word, lowest-ranked pair first, until no known pair is left."""
+        if word in self.cache:
+            return self.cache[word].split(" ")
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = zip(parts, parts[1:])
+            best = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = " ".join(parts)
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        """Text → BPE ids, without start/end tokens."""
+        ids = []
+        for word in self.PATTERN.findall(clean_text(text)):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[token] for token in self.bpe(word))
+        return ids
+
+    def __call__(self, texts: str | list[str], pad_token_id: int = 0, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+        """Texts → (B, context_length) ids: [SOT, tokens…, EOT, pad…]. Too long a text is cut and
+        its last position set to EOT, so that pooling still finds the end of the text. Padding: 0
+        as OpenAI and open_clip do; Stable Diffusion 1.x's tokenizer pads with EOT (pass
+        pad_token_id=tokenizer.eot_id), and its UNet has only seen conditioning padded that way."""
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.full((len(texts), context_length), pad_token_id, dtype=torch.long)
+        for row, text in zip(out, texts):
+            ids = [self.sot_id, *self.encode(text), self.eot_id][:context_length]
+            ids[-1] = self.eot_id
+            row[: len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        """Ids → text; stops at the first EOT and drops SOT, so a row of __call__ decodes to its text."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        text = "".join(self.decoder[i] for i in ids if i != self.sot_id)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def to_rgb(image):
+    return image.convert("RGB")
+
+
+def image_transform(image_size: int) -> transforms.Compose:
+    """PIL image (any mode) → normalised (3, S, S) tensor: RGB, bicubic resize of the shorter side
+    to S, centre crop S × S. Converting to RGB first lets palette and CMYK images be resampled
+    in RGB (PIL would resize a palette image with nearest-neighbour)."""
+    return transforms.Compose([
+        to_rgb,
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(OPENAI_MEAN, OPENAI_STD),
+    ])
+
+
+# ----------------------------------------------------------------------------- demo
+
+if __name__ == "__main__":
+    import argparse
+
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(description="Zero-shot: how well does each caption match the image?")
+    parser.add_argument("path", nargs="?", default="weights/clip-vit-base-patch32", help="CLIP checkpoint folder")
+    parser.add_argument("captions", nargs="*", default=["a photo of a cat", "a photo of a dog"], help="candidate captions")
+    parser.add_argument("--image", required=True, help="image file")
+    args = parser.parse_args()
+    if not Path(args.path).exists():
+        raise SystemExit(f"{args.path} not found — {DOWNLOAD_HINT}")
+    model, tokenizer = load_clip(args.path), Tokenizer.from_pretrained(args.path)
+    pixels = image_transform(model.config.vision.image_size)(Image.open(args.image))[None]
+    with torch.no_grad():
+        probs = model(pixels, tokenizer(args.captions)).softmax(dim=-1)[0]
+    for caption, p in zip(args.captions, probs.tolist()):
+        print(f"{p:6.1%}  {caption}")

@@ -1,0 +1,381 @@
+"""clip.py against transformers (model, preprocessing, tokenizer) and open_clip (OpenAI's tokenizer
+and preprocessing). Random weights are written with transformers' own save_pretrained, i.e. in
+the layout of the official files, and read back with load_clip."""
+
+import html
+import json
+import random
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from clip import CLIP, CLIPConfig, Tokenizer, image_transform, load_clip, save_clip
+
+OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+CAPTIONS = ["a photo of a cat", "a dog chasing a ball on the beach", "", "Two PEOPLE & a horse!!! " * 12]
+
+# Official configurations (the sizes in the hub's config.json files).
+TEXT_B = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12)
+TEXT_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+VISION_B = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+VISION_L = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24)
+OFFICIAL = {
+    "clip-vit-base-patch32": dict(text_config=TEXT_B, vision_config=dict(VISION_B, patch_size=32), projection_dim=512),
+    "clip-vit-base-patch16": dict(text_config=TEXT_B, vision_config=dict(VISION_B, patch_size=16), projection_dim=512),
+    "clip-vit-large-patch14": dict(text_config=TEXT_L, vision_config=dict(VISION_L, patch_size=14), projection_dim=768),
+    "clip-vit-large-patch14-336": dict(
+        text_config=TEXT_L, vision_config=dict(VISION_L, patch_size=14, image_size=336), projection_dim=768
+    ),
+}
+SD_TEXT_ENCODER = dict(TEXT_L, eos_token_id=2, bos_token_id=0, pad_token_id=1)  # stable-diffusion-v1-4/text_encoder
+
+
+def small_config(hidden_act="quick_gelu", eos_token_id=2, width=64, heads=4):
+    text = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads, num_hidden_layers=2,
+                hidden_act=hidden_act, eos_token_id=eos_token_id)
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads, num_hidden_layers=2,
+                  image_size=32, patch_size=8, hidden_act=hidden_act)
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers initialises LayerNorms to (1, 0): perturb every parameter so that a mix-up
+    between two of them (layer_norm1 vs layer_norm2, say) cannot go unnoticed."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return Tokenizer.from_openai_bpe(OPENAI_BPE)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_folder(tmp_path_factory, tokenizer):
+    """vocab.json + merges.txt, written from OpenAI's merges the way the hub's files were made."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder, ensure_ascii=False), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def saved(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("hidden_act, eos_token_id", [("quick_gelu", 2), ("gelu", 49407)])
+def test_clip_matches_transformers(parity, tmp_path, tokenizer, hidden_act, eos_token_id):
+    ref = randomize(transformers.CLIPModel(small_config(hidden_act, eos_token_id)))
+    ours = load_clip(saved(ref, tmp_path))
+    pixels = torch.randn(3, 3, 32, 32)
+    tag = f"{hidden_act}, eos {eos_token_id}"
+    for pad_name, pad in [("pad 0", 0), ("pad EOT", tokenizer.eot_id)]:
+        ids = tokenizer(CAPTIONS, pad_token_id=pad)
+        with torch.no_grad():
+            out = ref(input_ids=ids, pixel_values=pixels)
+            parity(f"clip small ({tag}, {pad_name}) text embeds", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
+            parity(f"clip small ({tag}, {pad_name}) text last hidden", ours.text_model(ids), out.text_model_output.last_hidden_state)
+            parity(f"clip small ({tag}, {pad_name}) logits_per_image", ours(pixels, ids), out.logits_per_image)
+    with torch.no_grad():
+        parity(f"clip small ({tag}) image embeds", ours.encode_image(pixels), ref.get_image_features(pixel_values=pixels))
+
+
+@pytest.mark.parametrize("eos_token_id", [2, 300])
+def test_pooling_follows_eos_token_id(parity, tmp_path, eos_token_id):
+    """Ids on which the two conventions disagree: the largest id (position 1) is not the first
+    eos_token_id (position 2). Legacy configs (eos 2) pool at argmax, others at the first eos."""
+    ref = randomize(transformers.CLIPModel(small_config(eos_token_id=eos_token_id)))
+    ours = load_clip(saved(ref, tmp_path))
+    ids = torch.tensor([[49406, 40000, 300, 7, 300, 0], [49406, 300, 12, 40000, 9, 300]])
+    with torch.no_grad():
+        parity(f"clip pooling, eos_token_id {eos_token_id}", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
+
+
+def test_text_encoder_matches_transformers(parity, tmp_path, tokenizer):
+    """Stable Diffusion's text_encoder/: a CLIPTextModel, whose last hidden state conditions the UNet."""
+    cfg = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                                      eos_token_id=2)
+    ref = randomize(transformers.CLIPTextModel(cfg))
+    ours = load_clip(saved(ref, tmp_path))
+    assert ours.vision_model is None and ours.config.projection_dim is None
+    ids = tokenizer(CAPTIONS, pad_token_id=tokenizer.eot_id)
+    with torch.no_grad():
+        parity("text encoder small last hidden", ours.text_model(ids), ref(input_ids=ids).last_hidden_state)
+    with pytest.raises(ValueError, match="text tower only"):
+        ours.encode_text(ids)
+
+
+def test_text_encoder_without_prefix_loads(parity, tmp_path, tokenizer):
+    """transformers 5 writes a bare CLIPTextModel without the `text_model.` prefix."""
+    ref = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)))
+    folder = saved(ref, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    save_file({k.removeprefix("text_model."): v for k, v in state.items()}, folder / "model.safetensors")
+    ids = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        parity("text encoder, unprefixed keys", load_clip(folder).text_model(ids), ref(input_ids=ids).last_hidden_state)
+
+
+def test_bare_safetensors_file_derives_config(parity, tmp_path, tokenizer):
+    """No config.json: sizes come from the tensors (heads: 64 dimensions each, as in every release)."""
+    ref = randomize(transformers.CLIPModel(small_config(width=128, heads=2)))
+    file = saved(ref, tmp_path) / "model.safetensors"
+    ours = load_clip(file)
+    assert ours.config.vision.num_attention_heads == 2 and ours.config.vision.image_size == 32
+    ids, pixels = tokenizer(CAPTIONS), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parity("clip bare file logits_per_image", ours(pixels, ids), ref(input_ids=ids, pixel_values=pixels).logits_per_image)
+
+
+@pytest.mark.full
+def test_full_size_vit_b32_matches_transformers(parity, tmp_path, tokenizer):
+    ref = randomize(transformers.CLIPModel(transformers.CLIPConfig(**OFFICIAL["clip-vit-base-patch32"])))
+    ours = load_clip(saved(ref, tmp_path))
+    pixels, ids = torch.randn(2, 3, 224, 224), tokenizer(CAPTIONS)
+    with torch.no_grad():
+        parity("clip ViT-B/32 full size image embeds", ours.encode_image(pixels), ref.get_image_features(pixel_values=pixels))
+        parity("clip ViT-B/32 full size text embeds", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
+        logits = ref(input_ids=ids, pixel_values=pixels).logits_per_image
+        parity("clip ViT-B/32 full size logits_per_image", ours(pixels, ids), logits)
+
+
+def test_save_clip_round_trip(parity, tmp_path, tokenizer):
+    ours = load_clip(saved(randomize(transformers.CLIPModel(small_config("gelu", 49407))), tmp_path / "src"))
+    save_clip(ours, tmp_path / "out")
+    ref = transformers.CLIPModel.from_pretrained(tmp_path / "out").eval()
+    again = load_clip(tmp_path / "out")
+    ids, pixels = tokenizer(CAPTIONS), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parity("save_clip → transformers logits", ours(pixels, ids), ref(input_ids=ids, pixel_values=pixels).logits_per_image)
+        assert torch.equal(again(pixels, ids), ours(pixels, ids))
+
+
+def test_load_in_bfloat16(tmp_path, tokenizer):
+    model = load_clip(saved(randomize(transformers.CLIPModel(small_config())), tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16), tokenizer(["a cat"])).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("name", [*OFFICIAL, "sd-text-encoder"])
+def test_structure_matches_transformers(name):
+    """Every official configuration: the same key names and shapes as transformers (on the meta
+    device: no memory is allocated)."""
+    if name == "sd-text-encoder":
+        hf_config = transformers.CLIPTextConfig(**SD_TEXT_ENCODER)
+        build = transformers.CLIPTextModel
+    else:
+        hf_config = transformers.CLIPConfig(**OFFICIAL[name])
+        build = transformers.CLIPModel
+    with torch.device("meta"):
+        ref = build(hf_config)
+        ours = CLIP(CLIPConfig.from_hf(hf_config.to_dict()))
+    ref_shapes = {k: v.shape for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    our_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert our_shapes == ref_shapes
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_config_dict_overrides_like_transformers():
+    """Older config.json files carry `text_config_dict`, which (with the defaults) wins over `text_config`."""
+    raw = {"model_type": "clip", "projection_dim": 768,
+           "text_config": {"hidden_size": 512, "eos_token_id": 2},
+           "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+           "vision_config": {}, "vision_config_dict": {"hidden_size": 1024, "patch_size": 14}}
+    ours = CLIPConfig.from_hf(raw)
+    ref = transformers.CLIPConfig(**raw)
+    for field in ("hidden_size", "intermediate_size", "num_attention_heads", "eos_token_id"):
+        assert getattr(ours.text, field) == getattr(ref.text_config, field), field
+    assert (ours.vision.hidden_size, ours.vision.patch_size) == (ref.vision_config.hidden_size, ref.vision_config.patch_size)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_corpus() -> list[str]:
+    fixed = [
+        "", " ", "a photo of a cat", "A Photo Of A CAT", "a photo of a cat.", "THE QUICK BROWN FOX",
+        "naïve café résumé", "Ångström, Zürich, São Paulo, Kraków", "ÉCOLE ÉLÉMENTAIRE", "straße", "ﬁne ﬂour",
+        "東京タワーと富士山", "北京欢迎你", "안녕하세요 세계", "Привет, мир!", "مرحبا بالعالم", "שלום עולם", "γειά σου κόσμε",
+        "🐱 and 🐶", "👩‍👩‍👧‍👦 family", "🏳️‍🌈 flag", "smile 😀😀😀", "❤️ love", "1️⃣ keycap",
+        "Tom &amp; Jerry", "5 &lt; 6 &gt; 4", "&quot;quoted&quot;", "&amp;amp; twice", "&#39;apostrophe&#39;", "caf&eacute;",
+        "&nbsp;non-breaking", "fish &amp chips",
+        "it's", "they're", "we've", "I'm", "you'll", "he'd", "IT'S LOUD", "don't", "rock'n'roll",
+        "12345", "3.14159", "1,000,000", "2023-07-18", "10:45pm", "$99.99", "50%", "1st 2nd 3rd 4th", "0x1F",
+        "!!!", "???", "...", "?!?!", "---", "***", "@#$%^&*()", "((()))", "[]{}<>", "a--b__c", "~~~~", ";;;;", "'''",
+        "\"double\"", "«guillemets»", "“curly quotes”", "‘single’", "em—dash", "en–dash", "ellipsis…", "tab\there",
+        "new\nline", "many    spaces", "  leading and trailing  ", "\u00a0nbsp\u00a0", "zero\u200bwidth",
+        "mojibake: cafÃ©", "Ã¢â‚¬â„¢", "https://example.com/a?b=c&d=e", "user@example.com", "#hashtag @mention",
+        "C++ and C#", "x^2 + y^2 = z^2", "α β γ δ ε", "∑∫∂√∞", "½ ¼ ¾", "™ © ®", "°C °F", "№ 5",
+        "a" * 300, "word " * 100, "🐱" * 80, "supercalifragilisticexpialidocious", "pneumonoultramicroscopicsilicovolcanoconiosis",
+        "MiXeD CaSe WoRdS", "camelCaseWord", "snake_case_word", "kebab-case-word", "UPPER_CASE", "ÀÉÎÕÜ",
+        "a man riding a horse on the left of a tree", "the tree is on the left of the man riding a horse",
+        "there is a mug in some grass", "there is some grass in a mug",
+    ]
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-&;:()éüñçøßæ漢字かなü😀🚀€£¥"
+    generated = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(120)]
+    words = "a the photo of cat dog man woman red blue left right on under holding riding big small".split()
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 120))) for _ in range(40)]
+    return fixed + generated + sentences
+
+
+def test_tokenizer_matches_open_clip(tokenizer, hf_tokenizer_folder):
+    texts = tokenizer_corpus()
+    assert len(texts) >= 200
+    ref = open_clip.tokenizer.SimpleTokenizer()
+    expected = ref(texts, context_length=77)
+    assert torch.equal(tokenizer(texts), expected)
+    assert torch.equal(Tokenizer.from_pretrained(hf_tokenizer_folder)(texts), expected)
+    assert torch.equal(Tokenizer.from_pretrained(OPENAI_BPE.parent)(texts), expected)
+
+
+def test_tokenizer_against_transformers_lists_known_differences(tokenizer, hf_tokenizer_folder):
+    """transformers' CLIPTokenizer cleans with ftfy alone; OpenAI's cleaning also unescapes html
+    twice. The ids differ exactly on the texts where that extra step changes something."""
+    import ftfy
+
+    hf = transformers.CLIPTokenizer(str(hf_tokenizer_folder / "vocab.json"), str(hf_tokenizer_folder / "merges.txt"))
+    texts = tokenizer_corpus()
+    ours = tokenizer(texts, pad_token_id=tokenizer.eot_id)
+    theirs = hf(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    differ = {t for t, a, b in zip(texts, ours, theirs) if not torch.equal(a, b)}
+    html_only = {t for t in texts if html.unescape(html.unescape(ftfy.fix_text(t))) != ftfy.fix_text(t)}
+    assert differ == html_only, f"unexpected differences: {sorted(differ ^ html_only)}"
+    assert differ == {"fish &amp chips"}  # ftfy unescapes only entities closed by ';'
+
+
+def test_truncation_keeps_end_token_and_padding(tokenizer):
+    ids = tokenizer(["word " * 100, "a cat"])
+    assert ids.shape == (2, 77) and ids[0, -1] == tokenizer.eot_id and ids[0, 0] == tokenizer.sot_id
+    assert ids[1, :4].tolist() == [tokenizer.sot_id, *tokenizer.encode("a cat"), tokenizer.eot_id]
+    assert (ids[1, 4:] == 0).all()
+    assert (tokenizer(["a cat"], pad_token_id=tokenizer.eot_id)[0, 4:] == tokenizer.eot_id).all()
+
+
+def test_decode_round_trip(tokenizer):
+    """decode() gives back the cleaned text with a space at each word end ("a cat ." for "a cat."),
+    as OpenAI's does; encoding it again gives the same ids."""
+    texts = [t for t in tokenizer_corpus() if len(tokenizer.encode(t)) <= 75]  # truncation may cut a word
+    assert len(texts) >= 150
+    for text in texts:
+        ids = tokenizer(text)[0]
+        assert tokenizer.encode(tokenizer.decode(ids)) == tokenizer.encode(text), text
+    assert tokenizer.decode(tokenizer("A Photo of  a CAT.")[0]) == "a photo of a cat ."
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def make_image(mode: str, size: tuple[int, int]) -> Image.Image:
+    g = torch.Generator().manual_seed(size[0] * 1000 + size[1])
+    rgb = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+    image = Image.fromarray(rgb, "RGB")
+    if mode == "P":
+        return image.quantize(64)
+    return image.convert(mode)
+
+
+SIZES = [(300, 200), (224, 224), (640, 480), (257, 333), (50, 80), (224, 449)]  # 449: odd margin, same crop
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "CMYK", "P"])
+def test_preprocessing_matches_transformers(parity, mode):
+    ref = transformers.CLIPImageProcessor()  # shortest_edge 224, centre crop 224, bicubic, OpenAI mean/std
+    ours = image_transform(224)
+    for size in SIZES:
+        image = make_image(mode, size)
+        expected = ref(images=image, return_tensors="pt").pixel_values[0]
+        parity(f"preprocessing {mode} {size[0]}x{size[1]}", ours(image), expected, atol=1e-5)
+
+
+def test_preprocessing_crop_follows_openai():
+    """Known difference: with an odd margin whose half rounds up (227 − 224 = 3 → 1.5), torchvision
+    and OpenAI crop from offset 2, transformers from offset 1. We follow OpenAI: equal to
+    open_clip's OpenAI preprocessing, one pixel off transformers'."""
+    image = make_image("RGB", (227, 224))
+    openai = open_clip.transform.image_transform(224, is_train=False)
+    assert torch.equal(image_transform(224)(image), openai(image))
+    hf = transformers.CLIPImageProcessor()(images=image, return_tensors="pt").pixel_values[0]
+    assert not torch.allclose(image_transform(224)(image), hf, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def good_folder(tmp_path):
+    return saved(transformers.CLIPModel(small_config()), tmp_path / "clip")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere not found .*weights/download.py"):
+        load_clip(tmp_path / "nowhere")
+
+
+def test_missing_weights_file(good_folder):
+    (good_folder / "model.safetensors").rename(good_folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors not found .*safetensors only"):
+        load_clip(good_folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_file(good_folder, damage):
+    file = good_folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00not a safetensors file" * 10)
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file.*download it again"):
+        load_clip(good_folder)
+
+
+def test_other_family(tmp_path):
+    file = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3), "time_embedding.linear_1.weight": torch.zeros(8, 4)}, file)
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors is not a CLIP checkpoint.*conv_in.weight"):
+        load_clip(file)
+
+
+def test_missing_and_unexpected_keys(good_folder):
+    file = good_folder / "model.safetensors"
+    state = load_file(file)
+    del state["vision_model.post_layernorm.weight"]
+    state["text_model.extra.weight"] = torch.zeros(1)
+    save_file(state, file)
+    with pytest.raises(ValueError, match=r"model.safetensors.*missing keys \[vision_model.post_layernorm.weight\], "
+                                         r"unexpected keys \[text_model.extra.weight\]"):
+        load_clip(good_folder)
+
+
+def test_wrong_shape(good_folder):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96
+    (good_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model.safetensors has tensors of the wrong shape.*text_model.encoder.layers.0.mlp.fc1.weight \(128, 64\) \(expected \(96, 64\)\)"):
+        load_clip(good_folder)
+
+
+def test_position_ids_buffers_are_ignored(parity, good_folder, tokenizer):
+    file = good_folder / "model.safetensors"
+    state = load_file(file)
+    reference = load_clip(good_folder)
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(state, file)
+    ids, pixels = tokenizer(CAPTIONS), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        parity("clip with position_ids buffers", load_clip(good_folder)(pixels, ids), reference(pixels, ids), atol=0)
