@@ -70,9 +70,59 @@ def compare(name: str, ours_fn, ref_fn, repeat: int = 5) -> None:
 # --- sections: each builds both models from the same random weights and calls compare() ---
 
 
+def bench_clip() -> None:
+    """CLIP forward (image + text), ViT-B/32, batch 8: ours vs transformers' CLIPModel."""
+    import tempfile
+
+    import transformers
+
+    import open_clip
+
+    from clip import Tokenizer, load_clip
+
+    ref = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the defaults are ViT-B/32
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = load_clip(folder)
+    tokenizer = Tokenizer.from_openai_bpe(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    pixels = torch.randn(8, 3, 224, 224)
+    ids = tokenizer([f"a photo of {n} cats sitting on a red sofa" for n in range(8)])
+    with torch.no_grad():
+        compare("clip ViT-B/32 forward, batch 8", lambda: ours(pixels, ids),
+                lambda: ref(input_ids=ids, pixel_values=pixels).logits_per_image, repeat=10)
+
+
+def bench_vae() -> None:
+    """Full-size SD 1.x VAE encode, one 256×256 image, fp32, no_grad: vae.py vs diffusers."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from vae import load_vae
+
+    ref = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = load_vae(folder)
+    images = torch.rand(1, 3, 256, 256) * 2 - 1
+
+    @torch.no_grad()
+    def ours_fn():
+        return ours.encode(images).mean
+
+    @torch.no_grad()
+    def ref_fn():
+        return ref.encode(images).latent_dist.mean
+
+    compare("vae encode SD1.x 256x256 b1 fp32", ours_fn, ref_fn)
+
+
 # --- end of sections ---
 
-SECTIONS = {}
+SECTIONS = {"clip": bench_clip, "vae": bench_vae}
 
 
 def main() -> None:
