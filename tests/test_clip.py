@@ -369,6 +369,14 @@ def test_wrong_shape(good_folder):
         load_clip(good_folder)
 
 
+def test_missing_tokenizer_files(tmp_path, hf_tokenizer_folder):
+    import shutil
+
+    shutil.copy(hf_tokenizer_folder / "vocab.json", tmp_path / "vocab.json")
+    with pytest.raises(FileNotFoundError, match=r"merges.txt not found.*vocab.json and merges.txt"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_position_ids_buffers_are_ignored(parity, good_folder, tokenizer):
     file = good_folder / "model.safetensors"
     state = load_file(file)
@@ -379,3 +387,32 @@ def test_position_ids_buffers_are_ignored(parity, good_folder, tokenizer):
     ids, pixels = tokenizer(CAPTIONS), torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         parity("clip with position_ids buffers", load_clip(good_folder)(pixels, ids), reference(pixels, ids), atol=0)
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def test_demo_prints_probabilities(tmp_path, hf_tokenizer_folder):
+    import shutil
+    import subprocess
+    import sys
+
+    ref = randomize(transformers.CLIPModel(small_config()))
+    folder = saved(ref, tmp_path / "clip")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_tokenizer_folder / name, folder / name)
+    make_image("RGB", (40, 32)).save(tmp_path / "cat.png")
+    captions = ["a photo of a cat", "a photo of a dog"]
+    run = subprocess.run([sys.executable, "clip.py", str(folder), *captions, "--image", str(tmp_path / "cat.png")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
+    printed = [float(line.split("%")[0]) / 100 for line in run.stdout.splitlines()]
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    ids = Tokenizer.from_pretrained(folder)(captions)
+    with torch.no_grad():
+        pixels = processor(images=Image.open(tmp_path / "cat.png"), return_tensors="pt").pixel_values
+        expected = ref(input_ids=ids, pixel_values=pixels).logits_per_image.softmax(-1)[0]
+    assert printed == pytest.approx(expected.tolist(), abs=1e-3)
+
+    missing = subprocess.run([sys.executable, "clip.py", str(tmp_path / "none"), "--image", str(tmp_path / "cat.png")],
+                             capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert missing.returncode != 0 and "weights/download.py" in missing.stderr
