@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import shutil
+import ssl
 import sys
 import time
 import urllib.error
@@ -39,6 +40,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_COCO_ENDPOINT = "http://images.cocodataset.org"
 CHUNK_BYTES = 1 << 20
+VERIFY_PROGRESS_BYTES = 100_000_000  # show a progress bar when hashing files larger than this
 TIMEOUT_S = 60
 RETRIES = 5  # further attempts after a timeout, a dropped connection or a 5xx
 BACKOFF_S = 2.0  # wait BACKOFF_S · 2^attempt seconds before the next attempt
@@ -102,7 +104,7 @@ def with_retries(action, url, backoff):
         except urllib.error.HTTPError as err:
             if (err.code < 500 and err.code != 429) or attempt == RETRIES:
                 raise
-        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError, http.client.HTTPException) as err:
             if attempt == RETRIES:
                 raise DownloadError(f"{url} kept failing after {RETRIES + 1} attempts ({err}); check "
                                     f"your connection and run the same command again to resume.") from err
@@ -136,9 +138,11 @@ def mismatch(path, size, digest):
         h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     else:
         h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"verify {path.name}", unit="B", unit_scale=True,
+                                    leave=False, disable=path.stat().st_size < VERIFY_PROGRESS_BYTES) as bar:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
+            bar.update(len(chunk))
     return None if h.hexdigest() == expected else f"{algorithm} {h.hexdigest()} instead of {expected}"
 
 
@@ -234,9 +238,9 @@ def download_repo(repo, plan, folder, endpoint, token=None, kind="model", backof
         else:
             if Path(local).name not in OPTIONAL_FILES:
                 tried = " or ".join(f"{path} at revision {rev}" for rev, path in sources)
-                raise DownloadError(f"{repo} has no {tried} on {endpoint}; if it only publishes a .bin, "
-                                    f"pass the ref of its safetensors conversion (see {page}/discussions) "
-                                    f"with --revision.")
+                hint = (f"if it only publishes a .bin, pass the ref of its safetensors conversion (see "
+                        f"{page}/discussions) with --revision" if kind == "model" else f"see {page}/tree/main")
+                raise DownloadError(f"{repo} has no {tried} on {endpoint}; {hint}.")
     paths = []
     for local, revision, remote, entry in jobs:
         url = f"{page}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(remote)}"
