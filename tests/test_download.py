@@ -52,6 +52,7 @@ class FakeHub:
         self.missing = set()  # paths that are listed but answer 404
         self.corrupt = set()  # paths served with one byte changed (the listing keeps the true sha256)
         self.drop_once = set()  # paths whose next download stops halfway through
+        self.errors = {}  # path in repo -> status codes its next requests answer, in order
         self.page_size = 1000
         self.requests = []  # (server, method, path, headers)
         self.blobs = {}  # sha256 -> bytes the CDN serves
@@ -100,6 +101,8 @@ class FakeHub:
             if auth != f"Bearer {self.gated[repo]}":
                 return self.status(h, 401 if auth is None else 403)
         files = self.files.get((kind, repo, revision), {})
+        if self.errors.get(file):
+            return self.status(h, self.errors[file].pop(0))
         if file not in files or file in self.missing:
             return self.status(h, 404)
         data = files[file]
@@ -272,18 +275,31 @@ def test_gated_repo_without_access_says_accept_the_licence(hub, tmp_path, token,
     assert "--token or HF_TOKEN" in message
 
 
-def test_token_goes_to_the_hub_as_bearer_and_never_to_the_cdn(hub, tmp_path):
+def test_defaults_with_token_go_to_the_hub_as_bearer_and_never_to_the_cdn(hub, tmp_path):
+    add_clip(hub)
     files = add_sd(hub)
     hub.gated[SD_REPO] = "hf_right"
-    result = run_script("stable-diffusion-v1-4", "--dir", tmp_path, "--endpoint", hub.url,
-                        env_extra={"HF_TOKEN": "hf_right"})
+    result = run_script("--dir", tmp_path, "--endpoint", hub.url, env_extra={"HF_TOKEN": "hf_right"})
     assert result.returncode == 0, result.stderr
+    assert (tmp_path / "clip-vit-base-patch32/model.safetensors").exists()
     for path, data in files.items():
         assert (tmp_path / "stable-diffusion-v1-4" / path).read_bytes() == data
     hub_auth = [h.get("Authorization") for role, _, path, h in hub.requests if role == "hub" and "/resolve/" in path]
     cdn_auth = [h.get("Authorization") for role, _, _, h in hub.requests if role == "cdn"]
     assert hub_auth and set(hub_auth) == {"Bearer hf_right"}
-    assert len(cdn_auth) == 3 and set(cdn_auth) == {None}
+    assert len(cdn_auth) == 4 and set(cdn_auth) == {None}  # CLIP's weights + SD's three
+
+
+def test_server_errors_are_retried_then_reported(hub, tmp_path):
+    files, _ = add_clip(hub)
+    hub.errors["config.json"] = [503, 502]
+    clip(hub, tmp_path)
+    assert (tmp_path / "config.json").read_bytes() == files["config.json"]
+    assert hub.resolves().count(f"/{CLIP_REPO}/resolve/main/config.json") == 3
+
+    hub.errors["config.json"] = [503] * (download.RETRIES + 1)
+    with pytest.raises(download.DownloadError, match="answered HTTP 503 Service Unavailable; try again later"):
+        clip(hub, tmp_path / "again")
 
 
 def test_404_names_the_file_and_the_url(hub, tmp_path):
