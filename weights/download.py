@@ -186,7 +186,8 @@ def fetch(url, dest, size=None, digest=None, token=None, page=None, backoff=BACK
         if mismatch(dest, size, digest) is None:
             print(f"{label}: already there and verified")
             return dest
-        dest.unlink()  # stale or damaged: fetch it again
+        print(f"{label}: differs from the published file, fetching it again")
+        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -208,12 +209,12 @@ def list_files(endpoint, repo, revision, token, kind, backoff):
     files = {}
     while url:  # the hub pages long listings through a Link: <...>; rel="next" header
         try:
-            page, link = with_retries(lambda: _read_json(url, token), url, backoff)
+            entries, link = with_retries(lambda: _read_json(url, token), url, backoff)
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 return {}
             raise explain(err, url, f"{endpoint}/{'datasets/' if kind == 'dataset' else ''}{repo}") from None
-        files.update({entry["path"]: entry for entry in page if entry["type"] == "file"})
+        files.update({entry["path"]: entry for entry in entries if entry["type"] == "file"})
         url = next((part.split(";")[0].strip(" <>") for part in link.split(",") if 'rel="next"' in part), None)
     return files
 
