@@ -1,0 +1,175 @@
+"""sds.py against independent computations: diffusers' scheduler, the loss formulas written out
+by hand in the test (autograd of the written "full" loss, the analytic "stopgrad" gradient)
+and CLIP's contrastive loss in numpy. The UNet is a tiny diffusers UNet2DConditionModel, so
+these tests do not depend on unet.py.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from sds import Mapper, NoiseSchedule, contrastive_loss, denoising_error, sds_loss
+
+EMBED_DIM = 16
+CONTEXT_DIM = 32
+LATENT = (4, 8, 8)  # C, H, W of the tiny UNet's input
+BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A tiny SD-shaped UNet, frozen, wrapped as our UNet contract: unet(z_t, t, c) → ε̂."""
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(
+        sample_size=LATENT[1], in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=2, norm_num_groups=8,
+    ).eval().requires_grad_(False)
+    return lambda z_t, t, c: ref(z_t, t, encoder_hidden_states=c).sample
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(BATCH, EMBED_DIM, generator=g)
+    context = torch.randn(BATCH, 77, CONTEXT_DIM, generator=g)
+    t = torch.tensor([0, 421, 999])  # both ends of the schedule and one in between
+    noise = torch.randn(BATCH, *LATENT, generator=g)
+    return embeds, context, t, noise
+
+
+def test_schedule_equals_diffusers(parity):
+    ours = NoiseSchedule()
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    parity("sds schedule betas", ours.betas, ref.betas, atol=1e-10)
+    parity("sds schedule alphas_cumprod", ours.alphas_cumprod, ref.alphas_cumprod, atol=1e-7)
+    z0, noise = torch.randn(5, *LATENT), torch.randn(5, *LATENT)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    parity("sds add_noise", ours.add_noise(z0, noise, t), ref.add_noise(z0, noise, t), atol=1e-6)
+
+
+def test_timesteps_uniform_over_all_steps():
+    t = NoiseSchedule().sample_timesteps(200_000, torch.Generator().manual_seed(0))
+    assert t.min() == 0 and t.max() == 999
+    counts = torch.bincount(t, minlength=1000).double()
+    assert abs(t.double().mean().item() - 499.5) < 2.0
+    assert counts.std() / counts.mean() < 0.1  # 200 per bin, Poisson spread ≈ 0.07
+
+
+def test_mapper_shape_from_unet_config():
+    config = SimpleNamespace(in_channels=4, sample_size=64)  # SD 1.x
+    mapper = Mapper.for_unet(512, SimpleNamespace(config=config))
+    assert mapper(torch.randn(2, 512)).shape == (2, 4, 64, 64)
+    assert mapper.proj.weight.shape == (4 * 64 * 64, 512)
+
+
+def _written_loss(unet, weight, bias, embeds, context, t, noise):
+    """The paper's L_SDS written out independently: diffusers' ᾱ, explicit linear map and mean."""
+    alphas_cumprod = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    z0 = (embeds @ weight.T + bias).reshape(BATCH, *LATENT)
+    a = alphas_cumprod[t][:, None, None, None]
+    z_t = torch.sqrt(a) * z0 + torch.sqrt(1 - a) * noise
+    eps_hat = unet(z_t, t, context)
+    per_sample = ((eps_hat - noise) ** 2).sum(dim=(1, 2, 3)) / np.prod(LATENT)
+    return per_sample, per_sample.mean(), eps_hat
+
+
+def test_denoising_error_per_sample(unet, inputs, parity):
+    embeds, context, t, noise = inputs
+    mapper = Mapper(EMBED_DIM, LATENT)
+    ours = denoising_error(unet, mapper(embeds), t, noise, context)
+    ref, _, _ = _written_loss(unet, mapper.proj.weight, mapper.proj.bias, embeds, context, t, noise)
+    assert ours.shape == (BATCH,)
+    parity("sds denoising_error per sample", ours, ref, atol=1e-6)
+
+
+def test_full_gradient_equals_autograd_of_written_loss(unet, inputs, parity):
+    embeds, context, t, noise = inputs
+    mapper = Mapper(EMBED_DIM, LATENT)
+    embeds_ours = embeds.clone().requires_grad_(True)
+    loss = sds_loss(unet, NoiseSchedule(), mapper, embeds_ours, context, t=t, noise=noise, mode="full")
+    loss.backward()
+
+    weight = mapper.proj.weight.detach().clone().requires_grad_(True)
+    bias = mapper.proj.bias.detach().clone().requires_grad_(True)
+    embeds_ref = embeds.clone().requires_grad_(True)
+    _, ref, _ = _written_loss(unet, weight, bias, embeds_ref, context, t, noise)
+    ref.backward()
+
+    parity("sds full loss value", loss, ref, atol=1e-6)
+    parity("sds full ∂L/∂w", mapper.proj.weight.grad, weight.grad, atol=1e-7)
+    parity("sds full ∂L/∂b", mapper.proj.bias.grad, bias.grad, atol=1e-7)
+    parity("sds full ∂L/∂f(x)", embeds_ours.grad, embeds_ref.grad, atol=1e-6)
+
+
+def test_stopgrad_gradient_equals_analytic_form(unet, inputs, parity):
+    embeds, context, t, noise = inputs
+    mapper = Mapper(EMBED_DIM, LATENT)
+    embeds_ours = embeds.clone().requires_grad_(True)
+    loss = sds_loss(unet, NoiseSchedule(), mapper, embeds_ours, context, t=t, noise=noise, mode="stopgrad")
+    loss.backward()
+
+    # ∂L/∂z_0 = 2/(B·C·H·W) · w(t) (ε̂ − ε) · √ᾱ_t with w = 1, then the chain rule through h_w by hand.
+    with torch.no_grad():
+        per_sample, full_value, eps_hat = _written_loss(unet, mapper.proj.weight, mapper.proj.bias, embeds, context, t,
+                                                        noise)
+        alphas_cumprod = NoiseSchedule().alphas_cumprod.double()
+        sqrt_a = alphas_cumprod[t].sqrt()[:, None, None, None]
+        grad_z0 = 2.0 / (BATCH * np.prod(LATENT)) * (eps_hat.double() - noise.double()) * sqrt_a
+        grad_z0 = grad_z0.reshape(BATCH, -1)  # (B, C·H·W)
+        grad_weight = grad_z0.T @ embeds.double()
+        grad_bias = grad_z0.sum(0)
+        grad_embeds = grad_z0 @ mapper.proj.weight.double()
+
+    parity("sds stopgrad value = full value", loss, full_value, atol=1e-6)
+    parity("sds stopgrad ∂L/∂w analytic", mapper.proj.weight.grad, grad_weight, atol=1e-7)
+    parity("sds stopgrad ∂L/∂b analytic", mapper.proj.bias.grad, grad_bias, atol=1e-7)
+    parity("sds stopgrad ∂L/∂f(x) analytic", embeds_ours.grad, grad_embeds, atol=1e-6)
+
+
+def test_stopgrad_differs_from_full_and_builds_no_unet_graph(inputs):
+    embeds, context, t, noise = inputs
+    weights = torch.nn.Parameter(torch.tensor(0.9))
+    toy_unet = lambda z_t, t, c: weights * z_t  # noqa: E731  — Jacobian 0.9·I, a parameter to watch
+    grads = {}
+    for mode in ("full", "stopgrad"):
+        mapper = Mapper(EMBED_DIM, LATENT)
+        torch.nn.init.constant_(mapper.proj.weight, 0.01)
+        torch.nn.init.constant_(mapper.proj.bias, 0.1)
+        sds_loss(toy_unet, NoiseSchedule(), mapper, embeds, context, t=t, noise=noise, mode=mode).backward()
+        grads[mode] = mapper.proj.weight.grad
+        if mode == "full":
+            assert weights.grad is not None
+            weights.grad = None
+    assert weights.grad is None  # stopgrad never differentiates the UNet
+    # With ε̂ = 0.9 z_t the UNet Jacobian is 0.9·I: full = 0.9 × stopgrad exactly.
+    torch.testing.assert_close(grads["full"], 0.9 * grads["stopgrad"], rtol=1e-5, atol=1e-9)
+
+
+def test_sds_draws_t_and_noise_from_generator(unet, inputs):
+    embeds, context, _, _ = inputs
+    mapper = Mapper(EMBED_DIM, LATENT)
+    a, b, c = (sds_loss(unet, NoiseSchedule(), mapper, embeds, context, generator=torch.Generator().manual_seed(s))
+               for s in (7, 7, 8))
+    assert a.item() == b.item() and a.item() != c.item()
+    with pytest.raises(ValueError, match="mode"):
+        sds_loss(unet, NoiseSchedule(), mapper, embeds, context, mode="sds")
+
+
+def test_contrastive_loss_equals_hand_computation(parity):
+    logits = torch.randn(5, 5, dtype=torch.float64) * 3
+    s = logits.numpy()
+
+    def log_softmax_rows(m):
+        m = m - m.max(axis=1, keepdims=True)
+        return m - np.log(np.exp(m).sum(axis=1, keepdims=True))
+
+    image_to_text = -np.mean(np.diag(log_softmax_rows(s)))
+    text_to_image = -np.mean(np.diag(log_softmax_rows(s.T)))
+    ref = torch.tensor((image_to_text + text_to_image) / 2)
+    parity("sds contrastive_loss vs numpy", contrastive_loss(logits), ref, atol=1e-12)
+    # A perfectly matched batch costs ~0, a shuffled one a lot: the labels are the diagonal.
+    assert contrastive_loss(torch.eye(4) * 100) < 1e-6 < 10 < contrastive_loss(torch.eye(4).flip(0) * 100)
