@@ -170,7 +170,9 @@ class FakeHub:
 
 
 @pytest.fixture
-def hub():
+def hub(monkeypatch):
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)  # talk to 127.0.0.1 directly, never through a proxy
     fake = FakeHub()
     yield fake
     fake.close()
