@@ -28,6 +28,9 @@ GROUP_NORM_EPS = 1e-6  # every GroupNorm of the VAE, the attention's included
 LOGVAR_RANGE = (-30.0, 20.0)  # the encoder's log-variance is clamped to this range
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' "fp16" variant
+# Activations and conv weights are kept (B, H, W, C) in memory: oneDNN's and cuDNN's convolutions
+# are faster in that layout (about 1.5× for the full-resolution 3×3 convs on a CPU).
+CHANNELS_LAST = torch.channels_last
 DOWNLOAD_HINT = "run `python weights/download.py`"
 # Files saved by diffusers before 0.14 name the mid-block attention's linear layers
 # query/key/value/proj_attn; diffusers renames them on load, and so do we.
@@ -83,10 +86,12 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In-place SiLU and residual add: the norm and conv outputs are not needed again
-        # (autograd saves the norms' inputs), which saves memory and time at full resolution.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        # In place where nothing needs the old value (autograd keeps the norms' inputs, not their
+        # outputs), and one step per line so each big activation is freed as soon as possible.
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
         return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
@@ -243,14 +248,15 @@ class VAE(nn.Module):
         if images.ndim != 4 or images.shape[1] != channels or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"VAE.encode expects images of shape (B, {channels}, H, W) with H and W multiples of "
                              f"{f}, got {tuple(images.shape)}; resize or crop the images first.")
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        moments = self.quant_conv(self.encoder(images.contiguous(memory_format=CHANNELS_LAST)))
+        return DiagonalGaussian(moments.contiguous())
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, 4, h, w), unscaled → images (B, 3, h·8, w·8), roughly in [-1, 1]."""
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels:
             raise ValueError(f"VAE.decode expects latents of shape (B, {self.config.latent_channels}, h, w), "
                              f"got {tuple(latents.shape)}.")
-        return self.decoder(self.post_quant_conv(latents))
+        return self.decoder(self.post_quant_conv(latents.contiguous(memory_format=CHANNELS_LAST))).contiguous()
 
     def images_to_latents(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
         """The diffusion model's input: (posterior mean, or a sample) × scaling_factor."""
@@ -279,8 +285,10 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
         file = next((path / name for name in (WEIGHTS_NAME, FP16_WEIGHTS_NAME) if (path / name).is_file()), None)
         if file is None:
             raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {FP16_WEIGHTS_NAME}; {DOWNLOAD_HINT}.")
-    else:
-        config, file = VAEConfig(), path  # a bare file: the SD 1.x design, checked against the tensors below
+        described = f"the VAE that {path / 'config.json'} describes"
+    else:  # a bare file: the SD 1.x design, checked against the tensors below
+        config, file = VAEConfig(), path
+        described = "the SD 1.x VAE (assumed for a bare file; pass its folder to use its config.json)"
     try:
         state_dict = load_file(file)
     except Exception as err:  # safetensors raises its own error types for a bad header or a short file
@@ -295,16 +303,16 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     if missing or unexpected:
         hint = "" if missing != expected.keys() else " (it holds no VAE weights: is it a UNet or CLIP file?)"
-        raise ValueError(f"{file} does not match the VAE of {config}{hint}: {len(missing)} missing keys "
+        raise ValueError(f"{file} does not match {described}{hint}: {len(missing)} missing keys "
                          f"[{_first_keys(missing)}] and {len(unexpected)} unexpected keys [{_first_keys(unexpected)}]; "
                          f"point to a Stable Diffusion 1.x vae/ folder or {DOWNLOAD_HINT}.")
     wrong = [f"{k} {tuple(state_dict[k].shape)} ≠ {shape}" for k, shape in expected.items()
              if tuple(state_dict[k].shape) != shape]
     if wrong:
-        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {config}: [{_first_keys(wrong)}]; "
+        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: [{_first_keys(wrong)}]; "
                          f"check config.json or {DOWNLOAD_HINT}.")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
 
 
 if __name__ == "__main__":
