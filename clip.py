@@ -304,6 +304,8 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if not path.exists():
         raise FileNotFoundError(f"{path} not found — {DOWNLOAD_HINT}")
     file, config_file = (path / "model.safetensors", path / "config.json") if path.is_dir() else (path, None)
+    if path.is_dir() and not file.is_file() and (path / "model.fp16.safetensors").is_file():
+        file = path / "model.fp16.safetensors"  # the half-precision variant (`download.py --fp16`)
     if not file.is_file():
         extra = " (this loader reads safetensors only, never pickled .bin files)" if (path / "pytorch_model.bin").exists() else ""
         raise FileNotFoundError(f"{file} not found{extra} — {DOWNLOAD_HINT}")

@@ -163,6 +163,18 @@ def test_save_clip_round_trip(parity, tmp_path, tokenizer):
         assert torch.equal(again(pixels, ids), ours(pixels, ids))
 
 
+def test_fp16_variant_file(parity, tmp_path, tokenizer):
+    """A folder holding only model.fp16.safetensors (the hub's half-precision variant) loads too."""
+    ref = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)))
+    folder = saved(ref.half(), tmp_path)
+    (folder / "model.safetensors").rename(folder / "model.fp16.safetensors")
+    ids = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        expected = ref.float()(input_ids=ids).last_hidden_state
+        parity("text encoder from model.fp16.safetensors", load_clip(folder).text_model(ids), expected)
+
+
 def test_load_in_bfloat16(tmp_path, tokenizer):
     model = load_clip(saved(randomize(transformers.CLIPModel(small_config())), tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
