@@ -1,0 +1,459 @@
+"""Winoground text, image and group scores for a CLIP checkpoint or for Stable Diffusion.
+
+Winoground (Thrush et al. 2022, https://arxiv.org/abs/2204.03162) has 400 examples of two
+images and two captions that use the same words in a different order ("a mug in some grass" /
+"some grass in a mug"). A model gives a score s(c, i) to each caption–image pair; it gets
+  text  credit when s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1)  (the right caption per image),
+  image credit when s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0)  (the right image per caption),
+  group credit when both hold. Ties fail. Chance: 25, 25 and 16.67 %.
+
+Two scorers:
+  --clip PATH  s(c, i) = cosine similarity of CLIP's caption and image embeddings.
+  --sd PATH    the diffusion score of Diffusion Classifier (Li et al. 2023,
+               https://arxiv.org/abs/2303.16203): s(c, i) = −E_t ‖ε_θ(z_t, t, c) − ε‖² over a
+               fixed grid of timesteps, with one noise ε per timestep shared by the four pairs of
+               an example. --normalize_image_score subtracts the empty-prompt error first, as
+               DiffusionITM (Krojer et al. 2023, https://arxiv.org/abs/2305.13812) does for image
+               retrieval (some images are easier to denoise whatever the caption).
+
+Data: a local copy of the gated facebook/winoground dataset (examples.jsonl + images/ or
+images.zip, or its parquet files when pyarrow is installed); weights: a CLIP checkpoint folder
+(load_clip) or a Stable Diffusion 1.x diffusers folder.
+
+    python eval_winoground.py --clip weights/clip-vit-base-patch32 --out out/clip.json
+    python eval_winoground.py --sd weights/stable-diffusion-v1-4 --timesteps 20 --out out/sd.json
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+from tqdm import tqdm
+
+from clip import Tokenizer, image_transform, load_clip
+
+DEFAULT_DATA = "weights/winoground"
+DEFAULT_CLIP = "weights/clip-vit-base-patch32"
+DEFAULT_SD = "weights/stable-diffusion-v1-4"
+DOWNLOAD_HINT = "run `python weights/download.py` (see weights/README.md)"
+FIELDS = {"id": int, "image_0": str, "image_1": str, "caption_0": str, "caption_1": str,
+          "tag": str, "secondary_tag": str, "num_main_preds": int, "collapsed_tag": str}
+IMAGE_EXTENSION = ".png"  # examples.jsonl names images without extension: "ex_0_img_0" → images/ex_0_img_0.png
+SD_RESOLUTION = 512  # SD 1.x was trained on 512 × 512 images (64 × 64 latents)
+NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's diffusion has timesteps 0 … 999
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def text_correct(s) -> bool:
+    """s[c][i], a 2×2 score matrix: each image prefers its own caption."""
+    return s[0][0] > s[1][0] and s[1][1] > s[0][1]
+
+
+def image_correct(s) -> bool:
+    """Each caption prefers its own image."""
+    return s[0][0] > s[0][1] and s[1][1] > s[1][0]
+
+
+def group_correct(s) -> bool:
+    return text_correct(s) and image_correct(s)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Example:
+    id: int
+    image_0: str  # the image's name ("ex_0_img_0"); Winoground.images() opens it
+    image_1: str
+    caption_0: str
+    caption_1: str
+    tag: str
+    secondary_tag: str
+    num_main_preds: int
+    collapsed_tag: str
+
+
+def _check_fields(record: dict, where: str) -> dict:
+    """The nine Winoground fields with the right types, or a ValueError naming `where`."""
+    missing = [name for name in FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"{where} lacks the field(s) {missing}; every Winoground example has {list(FIELDS)}")
+    for name, kind in FIELDS.items():
+        value = record[name]
+        if name.startswith("image_") and isinstance(value, dict):  # parquet: {"bytes": …, "path": …}
+            continue
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"{where}: field {name!r} should be an integer, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ValueError(f"{where}: field {name!r} should be a string, got {value!r}")
+    return record
+
+
+class Winoground:
+    """The examples and their images from a local copy of facebook/winoground.
+
+    `path` is the dataset folder or its data/ subfolder, holding examples.jsonl with images/
+    (ex_0_img_0.png, …) or images.zip, or parquet files (a .parquet file may be given directly).
+    Every image is checked to exist up front, so a broken copy fails before any model loads."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Winoground not found at {path}: it is gated on the Hugging Face hub "
+                                    f"(facebook/winoground): accept its terms, then {DOWNLOAD_HINT}, or pass --data")
+        self.root, self.zip, self.image_bytes = None, None, {}
+        folder = next((f for f in (path, path / "data") if (f / "examples.jsonl").is_file()), None)
+        if folder is not None:
+            self.examples = self._read_jsonl(folder / "examples.jsonl")
+            self._open_images(folder)
+        else:
+            files = [path] if path.is_file() and path.suffix == ".parquet" else sorted(path.rglob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"{path} holds no examples.jsonl (nor data/examples.jsonl) and no parquet files: "
+                                        f"point --data to a copy of facebook/winoground")
+            self.examples = self._read_parquet(files)
+        ids = [e.id for e in self.examples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: example ids repeat ({len(ids) - len(set(ids))} duplicates); the copy looks corrupt")
+
+    @staticmethod
+    def _read_jsonl(file: Path) -> list[Example]:
+        examples = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file} line {number} is not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{file} line {number} is not a JSON object")
+            _check_fields(record, f"{file} line {number}")
+            examples.append(Example(**{k: record[k] for k in FIELDS}))
+        if not examples:
+            raise ValueError(f"{file} holds no examples")
+        return examples
+
+    def _open_images(self, folder: Path) -> None:
+        names = [name for e in self.examples for name in (e.image_0, e.image_1)]
+        if (folder / "images").is_dir():
+            self.root = folder / "images"
+            missing = [n for n in names if not (self.root / self._file_name(n)).is_file()]
+            where = self.root
+        elif (folder / "images.zip").is_file():
+            try:
+                self.zip = zipfile.ZipFile(folder / "images.zip")
+            except zipfile.BadZipFile:
+                raise ValueError(f"{folder / 'images.zip'} is not a readable zip file; download it again") from None
+            # The official zip holds images/ex_0_img_0.png …; look images up by file name only.
+            self.members = {Path(m).name: m for m in self.zip.namelist() if not m.endswith("/")}
+            missing = [n for n in names if self._file_name(n) not in self.members]
+            where = folder / "images.zip"
+        else:
+            raise FileNotFoundError(f"{folder} has examples.jsonl but neither images/ nor images.zip; "
+                                    f"download the images of facebook/winoground too")
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) of {folder / 'examples.jsonl'} not found in {where}: "
+                                    f"{', '.join(self._file_name(n) for n in missing[:10])}")
+
+    def _read_parquet(self, files: list[Path]) -> list[Example]:
+        try:
+            import pyarrow.parquet as pq  # optional: only this layout needs it
+        except ImportError:
+            raise ImportError(f"{files[0]} is a parquet file and reading it needs pyarrow (`pip install pyarrow`); "
+                              f"or use the examples.jsonl + images.zip layout of facebook/winoground") from None
+        examples = []
+        for file in files:
+            try:
+                rows = pq.read_table(file).to_pylist()
+            except Exception as err:  # pyarrow raises its own error types for a bad file
+                raise ValueError(f"{file} is not a readable parquet file ({err})") from None
+            for number, record in enumerate(rows):
+                where = f"{file} row {number}"
+                _check_fields(record, where)
+                fields = {k: record[k] for k in FIELDS}
+                for key in ("image_0", "image_1"):
+                    image = record[key]
+                    if not isinstance(image, dict) or not image.get("bytes"):
+                        raise ValueError(f"{where}: {key} holds no image bytes")
+                    fields[key] = f"{record['id']}/{key}"
+                    self.image_bytes[fields[key]] = image["bytes"]
+                examples.append(Example(**fields))
+        return examples
+
+    @staticmethod
+    def _file_name(name: str) -> str:
+        return name if Path(name).suffix else name + IMAGE_EXTENSION
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    def image(self, name: str) -> Image.Image:
+        if name in self.image_bytes:
+            source, where = io.BytesIO(self.image_bytes[name]), f"parquet image {name}"
+        elif self.zip is not None:
+            member = self.members[self._file_name(name)]
+            source, where = io.BytesIO(self.zip.read(member)), f"{self.zip.filename}:{member}"
+        else:
+            source = where = self.root / self._file_name(name)
+        try:
+            image = Image.open(source)
+            image.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{where} is not a readable image ({err})") from None
+        return image
+
+    def images(self, example: Example) -> tuple[Image.Image, Image.Image]:
+        return self.image(example.image_0), self.image(example.image_1)
+
+
+# ----------------------------------------------------------------------------- CLIP score
+
+
+@torch.no_grad()
+def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Example],
+                batch_size: int = 32, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time."""
+    transform = image_transform(model.config.vision.image_size)
+    dtype = next(model.parameters()).dtype
+    scores = []
+    with tqdm(total=len(examples), desc="CLIP", unit="example") as progress:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            pixels = torch.stack([transform(image) for e in batch for image in data.images(e)])  # (2B, 3, S, S)
+            ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
+            images = F.normalize(model.encode_image(pixels.to(device, dtype)), dim=-1).view(len(batch), 2, -1)
+            texts = F.normalize(model.encode_text(ids.to(device)), dim=-1).view(len(batch), 2, -1)
+            scores.append(torch.einsum("bcd,bid->bci", texts, images).float().cpu())  # (B, caption, image)
+            progress.update(len(batch))
+    return torch.cat(scores)
+
+
+# ----------------------------------------------------------------------------- diffusion score
+
+
+def timestep_grid(n: int) -> torch.Tensor:
+    """The centres of n equal bins of the timesteps 0 … 999, rounded down: t_k = ⌊(k + ½) · 1000 / n⌋.
+    n = 20 gives 25, 75, …, 975 (the grid of Diffusion Classifier); n = 1000 gives every timestep."""
+    if not 1 <= n <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"--timesteps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {n}")
+    return ((torch.arange(n) + 0.5) * NUM_TRAIN_TIMESTEPS / n).long()
+
+
+def sd_image_transform(resolution: int = SD_RESOLUTION) -> transforms.Compose:
+    """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side, centre crop."""
+    return transforms.Compose([
+        lambda image: image.convert("RGB"),
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] → [-1, 1]
+    ])
+
+
+@dataclass
+class StableDiffusion:
+    """The parts of SD 1.x that score a caption–image pair (the frozen ones; no sampler needed)."""
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "StableDiffusion":
+        from unet import load_unet  # the CLIP path needs neither of these
+        from vae import load_vae
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x folder in diffusers layout — {DOWNLOAD_HINT}")
+        missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion folder — {DOWNLOAD_HINT}")
+        return cls(vae=load_vae(path / "vae", device), unet=load_unet(path / "unet", device),
+                   text_encoder=load_clip(path / "text_encoder", device), tokenizer=Tokenizer.from_pretrained(path / "tokenizer"))
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions → (B, 77, 768) conditioning: the last hidden state, padded with EOT as in SD's training."""
+        ids = self.tokenizer(captions, pad_token_id=self.tokenizer.eot_id)
+        return self.text_encoder.text_model(ids.to(next(self.text_encoder.parameters()).device))
+
+
+@torch.no_grad()
+def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Example], timesteps: torch.Tensor,
+                     seed: int = 0, batch_size: int = 8, resolution: int = SD_RESOLUTION, unconditional: bool = False,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, C, 2, T) denoising errors ‖ε_θ(z_t, t, c) − ε‖² of caption c (C = 2, or 3 with the empty
+    prompt last when `unconditional`) on image i at timestep timesteps[k].
+
+    Noise: a CPU generator seeded with `seed` draws, example after example in order, one
+    (T, 4, h, w) tensor; ε for timestep k is its k-th slice, shared by the pairs of the example,
+    so that the pairs differ only in caption and image (a paired comparison, much less noisy).
+    The C × 2 × T UNet calls of an example run batch_size at a time."""
+    from sds import NoiseSchedule, denoising_error
+
+    device = torch.device(device)
+    schedule = NoiseSchedule()  # SD 1.x's training schedule
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    transform, generator = sd_image_transform(resolution), torch.Generator().manual_seed(seed)
+    timesteps = timesteps.to(device)
+    errors = []
+    with autocast:
+        empty = sd.encode_text([""]) if unconditional else None  # (1, 77, 768)
+        for example in tqdm(examples, desc="diffusion score", unit="example"):
+            pixels = torch.stack([transform(image) for image in data.images(example)]).to(device)  # (2, 3, R, R)
+            latents = sd.vae.images_to_latents(pixels)  # (2, 4, R/8, R/8): the posterior mean × scaling factor
+            context = sd.encode_text([example.caption_0, example.caption_1])  # (2, 77, 768)
+            if empty is not None:
+                context = torch.cat([context, empty])  # (3, 77, 768)
+            noise = torch.randn((len(timesteps), *latents.shape[1:]), generator=generator).to(device)  # (T, 4, h, w)
+            # Every (caption, image, timestep) triple, flattened in that order.
+            c, i, k = (index.flatten() for index in torch.meshgrid(
+                torch.arange(len(context)), torch.arange(2), torch.arange(len(timesteps)), indexing="ij"))
+            error = torch.cat([
+                denoising_error(sd.unet, latents[i[s]], timesteps[k[s]], noise[k[s]], context[c[s]], schedule).float()
+                for s in torch.arange(len(c)).split(batch_size)
+            ])
+            errors.append(error.view(len(context), 2, len(timesteps)).cpu())
+    return torch.stack(errors)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def score_examples(examples: list[Example], scores: torch.Tensor, image_scores: torch.Tensor | None = None) -> list[dict]:
+    """One record per example: its tags, the 2×2 matrix s[c][i] and the three credits. With
+    `image_scores` (the normalised diffusion score) the image credit is judged on those instead."""
+    records = []
+    for example, s, s_image in zip(examples, scores.tolist(), (image_scores if image_scores is not None else scores).tolist()):
+        text, image = text_correct(s), image_correct(s_image)
+        record = {"id": example.id, "tag": example.tag, "secondary_tag": example.secondary_tag,
+                  "num_main_preds": example.num_main_preds, "collapsed_tag": example.collapsed_tag, "scores": s}
+        if image_scores is not None:
+            record["image_scores"] = s_image
+        records.append(record | {"text": text, "image": image, "group": text and image})
+    return records
+
+
+def percentages(records: list[dict]) -> dict:
+    n = len(records)
+    return {"n": n} | {key: 100 * sum(r[key] for r in records) / n for key in ("text", "image", "group")}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Overall and per-subset percentages: by collapsed_tag and by num_main_preds, as in the paper."""
+    summary = {"all": percentages(records)}
+    for key in ("collapsed_tag", "num_main_preds"):
+        groups = defaultdict(list)
+        for record in records:
+            groups[record[key]].append(record)
+        for value in sorted(groups):
+            summary[f"{key}={value}"] = percentages(groups[value])
+    return summary
+
+
+def format_table(summary: dict, title: str) -> str:
+    lines = [title, f"{'subset':<26}{'n':>5}{'text':>8}{'image':>8}{'group':>8}"]
+    for name, row in summary.items():
+        lines.append(f"{name:<26}{row['n']:>5}{row['text']:>8.2f}{row['image']:>8.2f}{row['group']:>8.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--clip", nargs="?", const=DEFAULT_CLIP, help=f"CLIP checkpoint folder or .safetensors (alone: {DEFAULT_CLIP}; the default when neither is given)")
+    model.add_argument("--sd", nargs="?", const=DEFAULT_SD, help=f"Stable Diffusion 1.x diffusers folder (alone: {DEFAULT_SD})")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="facebook/winoground copy: folder (or its data/) with examples.jsonl + images/ or images.zip, or parquet")
+    parser.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); default: the checkpoint's folder")
+    parser.add_argument("--out", help="write settings, totals and per-example scores to this JSON file")
+    parser.add_argument("--limit", type=int, help="score only the first N examples (quick runs)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); SD: UNet inputs per batch (default 8)")
+    parser.add_argument("--timesteps", type=int, default=20, help="SD: number of timesteps t_k = ⌊(k+½)·1000/N⌋ (20 → 25, 75, …, 975)")
+    parser.add_argument("--seed", type=int, default=0, help="SD: seed of the noise")
+    parser.add_argument("--resolution", type=int, default=SD_RESOLUTION, help="SD: image side in pixels before the VAE")
+    parser.add_argument("--normalize_image_score", action="store_true", help="SD: judge images on the error minus the empty-prompt error (DiffusionITM)")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be a positive number of examples")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch_size must be positive")
+    return args
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Score Winoground as the command line asks; returns the results.json content."""
+    if args.clip is None and args.sd is None:
+        if not Path(DEFAULT_CLIP).exists():
+            raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — {DOWNLOAD_HINT}, "
+                                    f"or pass --clip PATH or --sd PATH")
+        args.clip = DEFAULT_CLIP
+    data = Winoground(args.data)
+    examples = data.examples[: args.limit]
+    settings = {"data": str(args.data), "examples": len(examples), "device": args.device, "torch": torch.__version__}
+    if args.clip is not None:
+        clip_path = Path(args.clip)
+        model = load_clip(clip_path, args.device)
+        if model.vision_model is None:
+            raise ValueError(f"{clip_path} holds a text tower only (Stable Diffusion's text_encoder?); "
+                             f"scoring images needs a full CLIP checkpoint")
+        tokenizer_path = Path(args.tokenizer) if args.tokenizer else (clip_path if clip_path.is_dir() else clip_path.parent)
+        try:
+            tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was fine-tuned from") from None
+        batch_size = args.batch_size or 32
+        settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path), "batch_size": batch_size,
+                     "score": "cosine similarity of the caption and image embeddings"}
+        records = score_examples(examples, clip_scores(model, tokenizer, data, examples, batch_size, args.device))
+        title = f"Winoground, CLIP {clip_path}"
+    else:
+        timesteps = timestep_grid(args.timesteps)
+        sd = StableDiffusion.from_pretrained(args.sd, args.device)
+        batch_size = args.batch_size or 8
+        settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(), "seed": args.seed,
+                     "resolution": args.resolution, "batch_size": batch_size, "normalize_image_score": args.normalize_image_score,
+                     "autocast": "bfloat16" if torch.device(args.device).type == "cuda" else "none (float32)",
+                     "score": "minus the mean over timesteps of the denoising error ‖ε_θ(z_t, t, c) − ε‖²"}
+        errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, args.resolution,
+                                  args.normalize_image_score, args.device)  # (N, C, 2, T)
+        scores = -errors[:, :2].mean(dim=-1)  # (N, 2, 2): s[c][i] = −E_t error
+        image_scores = -(errors[:, :2] - errors[:, 2:]).mean(dim=-1) if args.normalize_image_score else None
+        records = score_examples(examples, scores, image_scores)
+        title = f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, seed {args.seed}" + (
+            ", image score normalised" if args.normalize_image_score else "")
+    summary = summarize(records)
+    print(format_table(summary, f"{title} ({len(records)} examples; chance 25 / 25 / 16.67)"))
+    return {"settings": settings, "totals": summary["all"], "subsets": summary, "examples": records}
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        results = evaluate(arguments)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        sys.exit(f"error: {err}")
+    if arguments.out:
+        Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(arguments.out).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {arguments.out}")
