@@ -256,3 +256,59 @@ def test_unreadable_image(tmp_path):
     data = ew.Winoground(folder)
     with pytest.raises(ValueError, match="ex_2_img_0.png is not a readable image"):
         data.images(data[2])
+
+
+# ----------------------------------------------------------------------------- CLIP score
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    """A small random CLIP saved by transformers (real 49,408-token vocabulary), with its tokenizer."""
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():  # LayerNorms away from (1, 0) so that they are tested too
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+def reference_clip_scores(folder: Path, data: "ew.Winoground") -> torch.Tensor:
+    """(N, 2, 2) cosine similarities from transformers' tokenizer, image processor and CLIPModel."""
+    model = transformers.CLIPModel.from_pretrained(folder).eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    scores = []
+    with torch.no_grad():
+        for example in data.examples:
+            pixels = processor(images=list(data.images(example)), return_tensors="pt").pixel_values
+            ids = tokenizer([example.caption_0, example.caption_1], padding="max_length", max_length=77,
+                            return_tensors="pt").input_ids
+            images = F.normalize(model.get_image_features(pixel_values=pixels), dim=-1)  # (2, D)
+            texts = F.normalize(model.get_text_features(input_ids=ids), dim=-1)  # (2, D)
+            scores.append(texts @ images.T)  # (caption, image)
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_clip_scores_match_transformers(parity, winoground, clip_folder, batch_size):
+    from clip import Tokenizer, load_clip
+
+    data = ew.Winoground(winoground)
+    ours = ew.clip_scores(load_clip(clip_folder), Tokenizer.from_pretrained(clip_folder), data, data.examples, batch_size)
+    ref = reference_clip_scores(clip_folder, data)
+    parity(f"winoground CLIP 2x2 cosine scores, small config, batch {batch_size}", ours, ref, atol=1e-4)
+    assert ours[:, 0, 0].std() > 1e-3  # the scores differ between examples: nothing constant was compared
+    rows, ref_rows = ew.score_examples(data.examples, ours), ew.score_examples(data.examples, ref)
+    assert [(r["text"], r["image"]) for r in rows] == [(r["text"], r["image"]) for r in ref_rows]
