@@ -55,16 +55,11 @@ class VAEConfig:
             raw = json.loads(file.read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it again.") from None
-        # This file implements only the SD 1.x design: plain ResNet blocks, SiLU, both quant convs.
-        required = {"_class_name": "AutoencoderKL", "act_fn": "silu", "use_quant_conv": True,
-                    "use_post_quant_conv": True, "mid_block_add_attention": True}
-        unsupported = {key: raw[key] for key, value in required.items() if raw.get(key, value) != value}
-        for key, block in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")]:
-            if set(raw.get(key, [block])) != {block}:
-                unsupported[key] = raw[key]
-        if unsupported:
-            raise ValueError(f"{file} has settings that vae.py does not implement ({unsupported}); "
-                             "vae.py is the Stable Diffusion 1.x AutoencoderKL.")
+        # Other block types or a missing quant conv show up as unexpected or missing keys when
+        # loading; the class and the activation do not, so they are checked here.
+        if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or raw.get("act_fn", "silu") != "silu":
+            raise ValueError(f"{file} describes a {raw.get('_class_name')} with act_fn {raw.get('act_fn')}; "
+                             "vae.py implements the Stable Diffusion 1.x AutoencoderKL (SiLU).")
         config = cls(**{f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None})
         config.block_out_channels = tuple(config.block_out_channels)
         return config
@@ -145,11 +140,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def resnet_stack(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.ModuleList:
+    return nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                         for i in range(layers))
+
+
 class DownBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
-                                     for i in range(layers))
+        self.resnets = resnet_stack(in_channels, out_channels, layers, groups)
         self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,8 +160,7 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
-                                     for i in range(layers))
+        self.resnets = resnet_stack(in_channels, out_channels, layers, groups)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,8 +301,9 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     if missing or unexpected:
         hint = "" if missing != expected.keys() else " (it holds no VAE weights: is it a UNet or CLIP file?)"
-        raise ValueError(f"{file} does not match {described}{hint}: {len(missing)} missing keys "
-                         f"[{_first_keys(missing)}] and {len(unexpected)} unexpected keys [{_first_keys(unexpected)}]; "
+        problems = " and ".join(f"{len(keys)} {kind} keys [{_first_keys(keys)}]"
+                                for kind, keys in [("missing", missing), ("unexpected", unexpected)] if keys)
+        raise ValueError(f"{file} does not match {described}{hint}: {problems}; "
                          f"point to a Stable Diffusion 1.x vae/ folder or {DOWNLOAD_HINT}.")
     wrong = [f"{k} {tuple(state_dict[k].shape)} ≠ {shape}" for k, shape in expected.items()
              if tuple(state_dict[k].shape) != shape]

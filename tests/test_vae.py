@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.unets.unet_2d_blocks import AttnDownEncoderBlock2D
 from safetensors.torch import load_file, save_file
 
 from vae import FP16_WEIGHTS_NAME, VAE, WEIGHTS_NAME, DiagonalGaussian, VAEConfig, load_vae
@@ -222,7 +223,7 @@ def test_unet_and_clip_files_are_refused(tmp_path):
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8)
     unet.save_pretrained(tmp_path / "unet")
-    with pytest.raises(ValueError, match=r"unet/config.json has settings that vae.py does not implement.*UNet2D"):
+    with pytest.raises(ValueError, match=r"unet/config.json describes a UNet2DConditionModel"):
         load_vae(tmp_path / "unet")
     with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors does not match.*is it a UNet "
                                          r"or CLIP file.*missing keys \[decoder.conv_in.bias.*unexpected keys "
@@ -264,11 +265,18 @@ def test_bare_file_of_another_config_is_refused(small):
         load_vae(small[2] / WEIGHTS_NAME)
 
 
-def test_unsupported_config_is_refused(tmp_path, small):
+def test_other_designs_are_refused(tmp_path, small):
     config = json.loads((small[2] / "config.json").read_text())
-    config["down_block_types"] = ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config.json has settings that vae.py does not implement.*AttnDown"):
+    (tmp_path / WEIGHTS_NAME).write_bytes((small[2] / WEIGHTS_NAME).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "act_fn": "gelu"}))
+    with pytest.raises(ValueError, match=r"config.json describes a AutoencoderKL with act_fn gelu"):
+        load_vae(tmp_path)
+    # an attention block per level: the file's extra attention keys are named
+    ref = diffusers_vae(**SMALL)
+    ref.encoder.down_blocks[0] = AttnDownEncoderBlock2D(32, 32, num_layers=2, resnet_groups=16, attention_head_dim=32)
+    ref.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"does not match the VAE that .*config.json describes: 20 unexpected keys "
+                                         r"\[encoder.down_blocks.0.attentions.0.group_norm"):
         load_vae(tmp_path)
 
 
