@@ -1,0 +1,326 @@
+"""train.py run as a user runs it (a subprocess on the CPU) on tiny models written by
+transformers / diffusers and a tiny COCO-format dataset, all built once per session in tmp.
+
+What is proven: only CLIP's LayerNorms and h_w change; a resumed run (after --max_steps or a
+SIGKILL) is bit-identical to an uninterrupted one; torchrun with 2 processes matches one
+process at the same global batch; the export loads in transformers with the same embeddings as
+our load_clip; bad inputs stop with one sentence naming the file; a NaN loss stops the run and
+leaves the last checkpoint untouched.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import transformers
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from clip import Tokenizer, image_transform, load_clip
+from sds import Mapper
+
+REPO = Path(__file__).resolve().parent.parent
+OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+WIDTH = 32  # every tiny tower's width; also SD's cross-attention dim here
+PROJECTION_DIM = 16
+IMAGE_SIZE = 32
+LATENT_SIZE = 8  # the tiny UNet's sample_size: h_w maps to 4 × 8 × 8
+N_STEPS = 6  # the reference run; 2 steps per epoch, so N/2 = 3 resumes in the middle of an epoch
+COMMON = ["--device", "cpu", "--num_workers", "0", "--batch_size", "4", "--warmup_steps", "2", "--cosine",
+          "--save_every", "2", "--log_every", "1", "--seed", "0"]
+LAYERNORM_MARKERS = ("layer_norm", "layrnorm", "layernorm")  # layer_norm1/2, pre_layrnorm (sic), post_layernorm, final_layer_norm
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def write_tokenizer(folder: Path) -> None:
+    """vocab.json + merges.txt from OpenAI's merges, then transformers' own tokenizer files."""
+    tok = Tokenizer.from_openai_bpe(OPENAI_BPE)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
+    merges = sorted(tok.ranks, key=tok.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+
+
+def perturbed(model):
+    """Move every parameter off its init (LayerNorms start at exactly 1 and 0)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_text_config():
+    return dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=4, num_hidden_layers=2)
+
+
+def write_clip(folder: Path) -> None:
+    config = transformers.CLIPConfig(
+        text_config=tiny_text_config(), projection_dim=PROJECTION_DIM,
+        vision_config=dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=IMAGE_SIZE, patch_size=8))
+    perturbed(transformers.CLIPModel(config)).save_pretrained(folder)
+    write_tokenizer(folder)
+
+
+def write_sd(folder: Path, poison: bool = False) -> None:
+    """unet/, text_encoder/, tokenizer/ in diffusers layout; `poison` puts a NaN in the UNet's output conv."""
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH, attention_head_dim=2, norm_num_groups=8)
+    if poison:
+        with torch.no_grad():
+            unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+    unet.save_pretrained(folder / "unet")
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_text_config()))
+    perturbed(text).save_pretrained(folder / "text_encoder")
+    write_tokenizer(folder / "tokenizer")
+
+
+def write_coco(root: Path) -> None:
+    """11 captioned images of several sizes and modes (RGB, grayscale L, CMYK, palette) + one uncaptioned."""
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "CMYK", "RGB", "P", "RGB", "RGB", "L", "RGB", "CMYK", "RGB", "RGB"]
+    images, annotations = [], []
+    words = ["a red cup", "two dogs", "a bike on grass", "a tall tower", "people at a table", "a cat asleep"]
+    for i, mode in enumerate(modes):
+        size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).convert(mode)
+        name = f"{i:012d}.{'png' if mode == 'P' else 'jpg'}"
+        image.save(root / "train2017" / name)
+        images.append({"id": 1000 + i, "file_name": name, "width": size[0], "height": size[1]})
+        if i == len(modes) - 1:
+            continue  # an image without captions is not part of the dataset
+        for k in range(int(rng.integers(2, 5))):
+            annotations.append({"id": len(annotations), "image_id": 1000 + i, "caption": f"{words[(i + k) % 6]} {i}"})
+    rng.shuffle(images)  # the file's order is not the dataset's order (that is by image id)
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    write_clip(root / "clip")
+    write_sd(root / "sd")
+    write_coco(root / "coco")
+    return root
+
+
+def train(assets, out: Path, *extra: str, coco=None, sd=None, nproc: int = 0, check: bool = True, **popen):
+    """Run train.py as a user does; returns the CompletedProcess (stdout+stderr in .stdout)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    cmd = [*launcher, "train.py", "--clip", str(assets / "clip"), "--sd", str(sd or assets / "sd"),
+           "--coco_root", str(coco or assets / "coco"), "--out", str(out), *COMMON, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count for every run: bit-identical sums
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result.stdout += result.stderr
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def reference_run(assets):
+    """N_STEPS uninterrupted steps: the run every other one is compared with."""
+    out = assets / "runs" / "straight"
+    train(assets, out, "--max_steps", str(N_STEPS))
+    return out
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(folder / "model.safetensors"), **{f"mapper.{k}": v for k, v in load_file(folder / "mapper.safetensors").items()}}
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def checkpoint_step(path: Path) -> int:
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["sds_clip"])["step"]
+
+
+# ----------------------------------------------------------------------------- what changes
+
+
+def test_only_layernorms_and_mapper_change(assets, reference_run):
+    source = load_file(assets / "clip" / "model.safetensors")
+    trained = load_file(reference_run / "model.safetensors")
+    assert trained.keys() == {k for k in source if not k.endswith("position_ids")}
+    layernorms = [k for k in trained if any(m in k for m in LAYERNORM_MARKERS)]
+    assert len(layernorms) == 2 * (2 * 2 + 1 + 2 + 2 * 2)  # text: 2 per layer + final; vision: pre + post + 2 per layer
+    unchanged_layernorms = [k for k in layernorms if torch.equal(trained[k], source[k])]
+    changed_others = [k for k in trained if k not in layernorms and not torch.equal(trained[k], source[k])]
+    assert not unchanged_layernorms, unchanged_layernorms
+    assert not changed_others, changed_others
+
+    torch.manual_seed(0)  # train.py seeds h_w's init with --seed
+    initial = Mapper(PROJECTION_DIM, (4, LATENT_SIZE, LATENT_SIZE)).state_dict()
+    mapper = load_file(reference_run / "mapper.safetensors")
+    assert mapper.keys() == initial.keys()
+    assert all(mapper[k].shape == initial[k].shape and not torch.equal(mapper[k], initial[k]) for k in mapper)
+
+
+def test_log_has_finite_losses_per_step(reference_run):
+    records = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, N_STEPS + 1))
+    for r in records:
+        assert set(r) == {"step", "loss", "clip_loss", "sds_loss", "lr", "grad_norm", "images_per_s"}
+        assert all(np.isfinite(v) for v in r.values())
+        assert r["loss"] == pytest.approx(r["clip_loss"] + 0.001 * r["sds_loss"], rel=1e-5)
+        assert r["sds_loss"] > 0 and r["grad_norm"] > 0
+    lrs = [r["lr"] for r in records]  # warm-up over 2 steps, then cosine over 5 epochs × 2 steps
+    assert lrs[:2] == pytest.approx([2.5e-5, 5e-5]) and lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
+
+
+def test_image_layernorms_only(assets, tmp_path):
+    train(assets, tmp_path, "--max_steps", "1", "--image_layernorms_only")
+    source, trained = load_file(assets / "clip" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    changed = {k for k in trained if not torch.equal(trained[k], source[k])}
+    expected = {k for k in trained if k.startswith("vision_model.") and any(m in k for m in LAYERNORM_MARKERS)}
+    assert changed == expected
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_after_max_steps_is_bit_identical(assets, reference_run, tmp_path):
+    train(assets, tmp_path, "--max_steps", str(N_STEPS // 2))
+    assert checkpoint_step(tmp_path / "checkpoint.safetensors") == N_STEPS // 2
+    train(assets, tmp_path, "--max_steps", str(N_STEPS), "--resume")
+    assert_bit_identical(tmp_path, reference_run)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, N_STEPS + 1))
+
+
+def test_resume_after_sigkill_is_bit_identical(assets, reference_run, tmp_path):
+    proc = train(assets, tmp_path, "--max_steps", str(N_STEPS), "--save_every", "1", popen=True)
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = checkpoint_step(checkpoint)
+    assert 1 <= killed_at < N_STEPS
+    train(assets, tmp_path, "--max_steps", str(N_STEPS), "--save_every", "1", "--resume")
+    assert_bit_identical(tmp_path, reference_run)
+
+
+def test_resume_refuses_other_settings(assets, reference_run, tmp_path):
+    shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+    result = train(assets, tmp_path, "--max_steps", str(N_STEPS + 1), "--resume", "--lr", "1e-4", check=False)
+    assert result.returncode != 0 and "--lr 5e-05 → 0.0001" in result.stdout
+    result = train(assets, tmp_path, "--max_steps", str(N_STEPS + 1), check=False)  # no --resume
+    assert result.returncode != 0 and "pass --resume" in result.stdout
+
+
+# ----------------------------------------------------------------------------- several processes
+
+# Two processes compute the same sums in another order (the gathered contrastive batch, DDP's
+# gradient average): each step's gradients differ by float32 rounding, ~1e-7 relative.
+# AdamW turns a gradient into a step of at most ≈ lr per element, so the worst case after
+# N_STEPS is N_STEPS · lr = 3e-4 (a near-zero gradient whose sign flips); measured: ~1e-9.
+DDP_ATOL = 1e-6
+
+
+def test_torchrun_two_processes_matches_one(assets, reference_run, tmp_path, parity):
+    result = train(assets, tmp_path, "--max_steps", str(N_STEPS), nproc=2)
+    assert "2 process(es) × 2" in result.stdout
+    ours, ref = tensors(tmp_path), tensors(reference_run)
+    source = load_file(assets / "clip" / "model.safetensors")
+    moved = max((ref[k] - source[k]).abs().max().item() for k in source if k in ref)
+    assert moved > 1e-5  # the comparison is between runs that did train
+    names = sorted(ref)
+    parity("train torchrun ×2 vs 1 process, all weights after 6 steps",
+           torch.cat([ours[k].flatten() for k in names]), torch.cat([ref[k].flatten() for k in names]), atol=DDP_ATOL)
+    log2 = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log1 = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
+    parity("train torchrun ×2 vs 1 process, logged losses", torch.tensor([r["loss"] for r in log2]),
+           torch.tensor([r["loss"] for r in log1]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_loads_in_transformers_and_ours(assets, reference_run, parity):
+    ref = transformers.CLIPModel.from_pretrained(reference_run).eval()
+    ours = load_clip(reference_run)
+    tokenizer = Tokenizer.from_pretrained(reference_run)
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(reference_run)
+    captions = ["a red cup 0", "two dogs on a bike"]
+    ids = tokenizer(captions)
+    hf_ids = hf_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids[:, :5], hf_ids[:, :5])
+    image = Image.open(next((assets / "coco" / "train2017").glob("*.jpg")))
+    pixels = image_transform(IMAGE_SIZE)(image)[None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        parity("train export: image embeds, transformers vs load_clip", ours.encode_image(pixels), ref.get_image_features(pixel_values=pixels))
+        parity("train export: text embeds, transformers vs load_clip", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
+    mapper = Mapper(PROJECTION_DIM, (4, LATENT_SIZE, LATENT_SIZE))
+    mapper.load_state_dict(load_file(reference_run / "mapper.safetensors"), strict=True)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_annotation_file(assets, tmp_path):
+    result = train(assets, tmp_path / "out", coco=tmp_path / "nococo", check=False)
+    missing = tmp_path / "nococo" / "annotations" / "captions_train2017.json"
+    assert result.returncode == 1 and f"{missing} not found" in result.stdout and "download.py" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_missing_weights(assets, tmp_path):
+    result = train(assets, tmp_path / "out", sd=tmp_path / "nosd", check=False)
+    assert result.returncode == 1 and f"{tmp_path / 'nosd' / 'unet'} not found" in result.stdout
+    assert "python weights/download.py" in result.stdout and "Traceback" not in result.stdout
+
+
+def test_missing_and_corrupt_images(assets, tmp_path):
+    coco = tmp_path / "coco"
+    shutil.copytree(assets / "coco", coco)
+    files = sorted((coco / "train2017").glob("*"))
+    files[0].unlink()  # image id 1000: the first of the dataset
+    files[1].write_bytes(files[1].read_bytes()[:100])  # truncated
+    result = train(assets, tmp_path / "a", "--max_steps", "1", "--epochs", "1", coco=coco, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout
+    assert f"{files[0]} not found" in result.stdout or f"{files[1]} cannot be read" in result.stdout
+    result = train(assets, tmp_path / "b", "--epochs", "1", "--skip_bad_images", coco=coco)
+    assert "skipped 2 missing or unreadable image(s)" in result.stdout
+    assert str(files[0]) in result.stdout and str(files[1]) in result.stdout
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(assets, reference_run, tmp_path):
+    shutil.copytree(reference_run, tmp_path / "out")
+    poisoned = tmp_path / "sd"
+    write_sd(poisoned, poison=True)
+    checkpoint = tmp_path / "out" / "checkpoint.safetensors"
+    before = checkpoint.read_bytes()
+    result = train(assets, tmp_path / "out", "--max_steps", str(N_STEPS + 2), "--resume", sd=poisoned, check=False)
+    assert result.returncode == 1 and "the loss is nan" in result.stdout and "Traceback" not in result.stdout
+    assert checkpoint.read_bytes() == before
