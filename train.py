@@ -79,7 +79,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
     p.add_argument("--limit_images", type=int, default=0, help="use only the first N COCO images (0: all)")
     p.add_argument("--skip_bad_images", action="store_true", help="skip (and count) missing or unreadable images")
-    p.add_argument("--save_every", type=int, default=1000, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--save_every", type=int, default=1000, help="write a checkpoint every N steps and at the end (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
     p.add_argument("--log_every", type=int, default=1, help="one log.jsonl line every N steps")
     p.add_argument("--num_workers", type=int, default=4, help="data-loading processes per training process")
@@ -245,9 +245,10 @@ def learning_rate(step: int, args, total_steps: int) -> float:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model: SDSCLIP, optimizer, step: int, args) -> None:
+def save_checkpoint(path: Path, model: SDSCLIP, optimizer, step: int, batches_per_epoch: int, args) -> None:
     """One safetensors file, replaced atomically: the trained parameters, AdamW's state per
-    parameter, the RNG states, and (as JSON metadata) the step and the settings."""
+    parameter, the RNG states, and (as JSON metadata) the step, the position in the data order
+    and the settings."""
     names = {p: name for name, p in model.named_parameters()}
     tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
     for p, state in optimizer.state.items():  # AdamW: step, exp_avg (m), exp_avg_sq (v)
@@ -257,7 +258,9 @@ def save_checkpoint(path: Path, model: SDSCLIP, optimizer, step: int, args) -> N
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
-    meta = {"step": step, "settings": vars(args), "numpy_rng": [np_kind, np_pos, np_has_gauss, np_gauss],
+    epoch, batch_in_epoch = divmod(step * args.grad_accum, batches_per_epoch)
+    meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "batches_per_epoch": batches_per_epoch,
+            "settings": vars(args), "numpy_rng": [np_kind, np_pos, np_has_gauss, np_gauss],
             "python_rng": random.getstate()}
     data = save(tensors, metadata={"sds_clip": json.dumps(meta)})
     tmp = path.with_name(path.name + ".tmp")
@@ -268,7 +271,7 @@ def save_checkpoint(path: Path, model: SDSCLIP, optimizer, step: int, args) -> N
     os.replace(tmp, path)  # a reader (or a crash) sees the old file or the new one, never half of one
 
 
-def load_checkpoint(path: Path, model: SDSCLIP, optimizer, args) -> int:
+def load_checkpoint(path: Path, model: SDSCLIP, optimizer, batches_per_epoch: int, args) -> int:
     """Restore what save_checkpoint wrote; returns the step to continue from."""
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["sds_clip"])
@@ -278,6 +281,9 @@ def load_checkpoint(path: Path, model: SDSCLIP, optimizer, args) -> int:
     if changed:
         raise SystemExit(f"train.py: {path} was written with other settings ({'; '.join(changed)}); "
                          f"resume with the same ones or start afresh with another --out")
+    if meta["batches_per_epoch"] != batches_per_epoch:
+        raise SystemExit(f"train.py: {path} was written with {meta['batches_per_epoch']} batches per epoch, this dataset "
+                         f"makes {batches_per_epoch}: the captions file changed, so the data order cannot be resumed")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = {key[len("param."):] for key in tensors if key.startswith("param.")}
     if saved != set(params):
@@ -383,7 +389,7 @@ def main(argv=None) -> None:
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
 
-    step = load_checkpoint(checkpoint_path, model, optimizer, args) if args.resume else 0
+    step = load_checkpoint(checkpoint_path, model, optimizer, batches_per_epoch, args) if args.resume else 0
     if master:
         out.mkdir(parents=True, exist_ok=True)
         log_lines = (out / LOG_FILE).read_text().splitlines() if args.resume and (out / LOG_FILE).exists() else []
@@ -455,13 +461,13 @@ def main(argv=None) -> None:
         if master:
             progress.update(1)
             progress.set_postfix(loss=f"{sums[0].item():.4f}", sds=f"{sums[2].item():.4f}")
-            if step % args.log_every == 0 or step == last_step:
+            if (args.log_every and step % args.log_every == 0) or step == last_step:
                 record = {"step": step, "loss": sums[0].item(), "clip_loss": sums[1].item(), "sds_loss": sums[2].item(),
                           "lr": lr, "grad_norm": grad_norm.item(), "images_per_s": sums[3].item() / (time.perf_counter() - start)}
                 with open(out / LOG_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if step % args.save_every == 0 or step == last_step:
-                save_checkpoint(checkpoint_path, model, optimizer, step, args)
+            if (args.save_every and step % args.save_every == 0) or step == last_step:
+                save_checkpoint(checkpoint_path, model, optimizer, step, batches_per_epoch, args)
     progress.close()
 
     if distributed:
