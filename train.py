@@ -307,6 +307,15 @@ def load_checkpoint(path: Path, model: SDSCLIP, optimizer, batches_per_epoch: in
     return meta["step"]
 
 
+def last_good(checkpoint_path: Path) -> str:
+    if not checkpoint_path.is_file():
+        return "No checkpoint was written yet."
+    with safe_open(checkpoint_path, "pt") as f:
+        step = json.loads(f.metadata()["sds_clip"])["step"]
+    return (f"The last good checkpoint, step {step}, is kept in {checkpoint_path}: continue with --resume "
+            f"(perhaps with a lower --lr or --grad_clip)")
+
+
 def export(model: SDSCLIP, args) -> None:
     """The fine-tuned CLIP as a Hugging Face folder (transformers' CLIPModel.from_pretrained and
     our load_clip read it), with the source's tokenizer files, and h_w in mapper.safetensors."""
@@ -414,7 +423,7 @@ def main(argv=None) -> None:
         sums = torch.zeros(4, device=device)  # loss, clip_loss, sds_loss, images
         for micro in range(args.grad_accum):
             epoch, (pixels, indices, errors) = next(data)
-            fatal = (errors and not args.skip_bad_images) or pixels is None
+            fatal = (bool(errors) and not args.skip_bad_images) or pixels is None
             if any_process(fatal, device):
                 for error in errors:
                     print(f"train.py: {error}", file=sys.stderr)
@@ -443,14 +452,13 @@ def main(argv=None) -> None:
                     loss = l_clip + args.sds_weight * l_sds  # L = L_CLIP + λ·L_SDS
                 if any_process(not torch.isfinite(loss).item(), device):
                     raise SystemExit(f"train.py: the loss is {loss.item()} at step {step} (clip {l_clip.item()}, "
-                                     f"sds {l_sds.item()}); stopped. The last good checkpoint is {checkpoint_path} "
-                                     f"(if any); resume from it with --resume, perhaps with a lower --lr")
+                                     f"sds {l_sds.item()}); stopped. {last_good(checkpoint_path)}")
                 (loss / args.grad_accum).backward()
             sums += torch.tensor([loss.item(), l_clip.item(), l_sds.item(), len(indices)], device=device)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf)
         if not torch.isfinite(grad_norm):
             raise SystemExit(f"train.py: the gradient norm is {grad_norm.item()} at step {step}; stopped. "
-                             f"The last good checkpoint is {checkpoint_path} (if any)")
+                             f"{last_good(checkpoint_path)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

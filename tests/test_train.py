@@ -325,5 +325,6 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, reference_run, tmp_pat
     checkpoint = tmp_path / "out" / "checkpoint.safetensors"
     before = checkpoint.read_bytes()
     result = train(assets, tmp_path / "out", "--max_steps", str(N_STEPS + 2), "--resume", sd=poisoned, check=False)
-    assert result.returncode == 1 and "the loss is nan" in result.stdout and "Traceback" not in result.stdout
+    assert result.returncode == 1 and "the loss is nan at step 6" in result.stdout and "Traceback" not in result.stdout
+    assert f"The last good checkpoint, step 6, is kept in {checkpoint}" in result.stdout
     assert checkpoint.read_bytes() == before
