@@ -117,6 +117,7 @@ def bench_vae() -> None:
     def ref_fn():
         return ref.encode(images).latent_dist.mean
 
+    torch.testing.assert_close(ours_fn(), ref_fn(), atol=1e-4, rtol=0)  # same work, same answer
     compare("vae encode SD1.x 256x256 b1 fp32", ours_fn, ref_fn)
 
 
