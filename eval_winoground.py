@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 from tqdm import tqdm
 
-from clip import Tokenizer, image_transform, load_clip
+from clip import Tokenizer, image_transform, load_clip, to_rgb
 
 DEFAULT_DATA = "weights/winoground"
 DEFAULT_CLIP = "weights/clip-vit-base-patch32"
@@ -112,8 +112,9 @@ class Winoground:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"Winoground not found at {path}: it is gated on the Hugging Face hub "
-                                    f"(facebook/winoground): accept its terms, then {DOWNLOAD_HINT}, or pass --data")
+            raise FileNotFoundError(f"Winoground not found at {path}: it is gated on the Hugging Face hub, so accept "
+                                    f"its terms at https://huggingface.co/datasets/facebook/winoground, then run "
+                                    f"`python weights/download.py --winoground {path} --token hf_...`, or pass --data")
         self.root, self.zip, self.image_bytes = None, None, {}
         folder = next((f for f in (path, path / "data") if (f / "examples.jsonl").is_file()), None)
         if folder is not None:
@@ -154,12 +155,13 @@ class Winoground:
             missing = [n for n in names if not (self.root / self._file_name(n)).is_file()]
             where = self.root
         elif (folder / "images.zip").is_file():
+            self.zip = folder / "images.zip"
             try:
-                self.zip = zipfile.ZipFile(folder / "images.zip")
+                with zipfile.ZipFile(self.zip) as archive:
+                    # The official zip holds images/ex_0_img_0.png …; look images up by file name only.
+                    self.members = {Path(m).name: m for m in archive.namelist() if not m.endswith("/")}
             except zipfile.BadZipFile:
-                raise ValueError(f"{folder / 'images.zip'} is not a readable zip file; download it again") from None
-            # The official zip holds images/ex_0_img_0.png …; look images up by file name only.
-            self.members = {Path(m).name: m for m in self.zip.namelist() if not m.endswith("/")}
+                raise ValueError(f"{self.zip} is not a readable zip file; download it again") from None
             missing = [n for n in names if self._file_name(n) not in self.members]
             where = folder / "images.zip"
         else:
@@ -209,7 +211,10 @@ class Winoground:
             source, where = io.BytesIO(self.image_bytes[name]), f"parquet image {name}"
         elif self.zip is not None:
             member = self.members[self._file_name(name)]
-            source, where = io.BytesIO(self.zip.read(member)), f"{self.zip.filename}:{member}"
+            # Opened per image (it costs about a millisecond): an open ZipFile shares its file
+            # position with the DataLoader's forked workers and they would read each other's bytes.
+            with zipfile.ZipFile(self.zip) as archive:
+                source, where = io.BytesIO(archive.read(member)), f"{self.zip}:{member}"
         else:
             source = where = self.root / self._file_name(name)
         try:
@@ -226,23 +231,42 @@ class Winoground:
 # ----------------------------------------------------------------------------- CLIP score
 
 
+class ImagePairs(torch.utils.data.Dataset):
+    """Example n → its two images, preprocessed, (2, 3, S, S). Served by a DataLoader so that
+    decoding and resizing (Winoground's PNGs are up to 1920 × 1280, about 0.2 s each on one
+    core) run in worker processes while the model works."""
+
+    def __init__(self, data: Winoground, examples: list[Example], transform):
+        self.data, self.examples, self.transform = data, examples, transform
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, n: int) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in self.data.images(self.examples[n])])
+
+
 @torch.no_grad()
-def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Example],
-                batch_size: int = 32, device: str | torch.device = "cpu") -> torch.Tensor:
+def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Example], batch_size: int = 32,
+                device: str | torch.device = "cpu", workers: int = 0) -> torch.Tensor:
     """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time."""
-    transform = image_transform(model.config.vision.image_size)
+    pairs = ImagePairs(data, examples, image_transform(model.config.vision.image_size))
+    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, num_workers=workers)
     dtype = next(model.parameters()).dtype
     scores = []
     with tqdm(total=len(examples), desc="CLIP", unit="example") as progress:
-        for start in range(0, len(examples), batch_size):
+        for start, pixels in zip(range(0, len(examples), batch_size), loader):  # pixels: (B, 2, 3, S, S)
             batch = examples[start : start + batch_size]
-            pixels = torch.stack([transform(image) for e in batch for image in data.images(e)])  # (2B, 3, S, S)
             ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
-            images = F.normalize(model.encode_image(pixels.to(device, dtype)), dim=-1).view(len(batch), 2, -1)
-            texts = F.normalize(model.encode_text(ids.to(device)), dim=-1).view(len(batch), 2, -1)
-            scores.append(torch.einsum("bcd,bid->bci", texts, images).float().cpu())  # (B, caption, image)
+            # Only the end-of-text token's output is used and the text mask is causal, so the
+            # padding after it changes nothing: drop the columns that are padding in every row.
+            ids = ids[:, : int((ids == tokenizer.eot_id).int().argmax(dim=1).max()) + 1]
+            images = F.normalize(model.encode_image(pixels.flatten(0, 1).to(device, dtype)), dim=-1)  # (2B, D)
+            texts = F.normalize(model.encode_text(ids.to(device)), dim=-1)  # (2B, D)
+            # (B, caption, image): each example's captions against its own two images only.
+            scores.append(torch.einsum("bcd,bid->bci", texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)))
             progress.update(len(batch))
-    return torch.cat(scores)
+    return torch.cat(scores).float().cpu()
 
 
 # ----------------------------------------------------------------------------- diffusion score
@@ -259,7 +283,7 @@ def timestep_grid(n: int) -> torch.Tensor:
 def sd_image_transform(resolution: int = SD_RESOLUTION) -> transforms.Compose:
     """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side, centre crop."""
     return transforms.Compose([
-        lambda image: image.convert("RGB"),
+        to_rgb,
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(resolution),
         transforms.ToTensor(),
@@ -298,7 +322,7 @@ class StableDiffusion:
 @torch.no_grad()
 def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Example], timesteps: torch.Tensor,
                      seed: int = 0, batch_size: int = 8, resolution: int = SD_RESOLUTION, unconditional: bool = False,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
+                     device: str | torch.device = "cpu", workers: int = 0) -> torch.Tensor:
     """(N, C, 2, T) denoising errors ‖ε_θ(z_t, t, c) − ε‖² of caption c (C = 2, or 3 with the empty
     prompt last when `unconditional`) on image i at timestep timesteps[k].
 
@@ -311,14 +335,15 @@ def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Examp
     device = torch.device(device)
     schedule = NoiseSchedule()  # SD 1.x's training schedule
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    transform, generator = sd_image_transform(resolution), torch.Generator().manual_seed(seed)
+    pairs = ImagePairs(data, examples, sd_image_transform(resolution))
+    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers)  # one example at a time
+    generator = torch.Generator().manual_seed(seed)
     timesteps = timesteps.to(device)
     errors = []
     with autocast:
         empty = sd.encode_text([""]) if unconditional else None  # (1, 77, 768)
-        for example in tqdm(examples, desc="diffusion score", unit="example"):
-            pixels = torch.stack([transform(image) for image in data.images(example)]).to(device)  # (2, 3, R, R)
-            latents = sd.vae.images_to_latents(pixels)  # (2, 4, R/8, R/8): the posterior mean × scaling factor
+        for example, pixels in tqdm(zip(examples, loader), total=len(examples), desc="diffusion score", unit="example"):
+            latents = sd.vae.images_to_latents(pixels.to(device))  # (2, 4, R/8, R/8): the posterior mean × scaling factor
             context = sd.encode_text([example.caption_0, example.caption_1])  # (2, 77, 768)
             if empty is not None:
                 context = torch.cat([context, empty])  # (3, 77, 768)
@@ -389,6 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="score only the first N examples (quick runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); SD: UNet inputs per batch (default 8)")
+    parser.add_argument("--workers", type=int, default=4, help="processes that decode and resize images (0: none)")
     parser.add_argument("--timesteps", type=int, default=20, help="SD: number of timesteps t_k = ⌊(k+½)·1000/N⌋ (20 → 25, 75, …, 975)")
     parser.add_argument("--seed", type=int, default=0, help="SD: seed of the noise")
     parser.add_argument("--resolution", type=int, default=SD_RESOLUTION, help="SD: image side in pixels before the VAE")
@@ -425,7 +451,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         batch_size = args.batch_size or 32
         settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path), "batch_size": batch_size,
                      "score": "cosine similarity of the caption and image embeddings"}
-        records = score_examples(examples, clip_scores(model, tokenizer, data, examples, batch_size, args.device))
+        records = score_examples(examples, clip_scores(model, tokenizer, data, examples, batch_size, args.device, args.workers))
         title = f"Winoground, CLIP {clip_path}"
     else:
         timesteps = timestep_grid(args.timesteps)
@@ -436,7 +462,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                      "autocast": "bfloat16" if torch.device(args.device).type == "cuda" else "none (float32)",
                      "score": "minus the mean over timesteps of the denoising error ‖ε_θ(z_t, t, c) − ε‖²"}
         errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, args.resolution,
-                                  args.normalize_image_score, args.device)  # (N, C, 2, T)
+                                  args.normalize_image_score, args.device, args.workers)  # (N, C, 2, T)
         scores = -errors[:, :2].mean(dim=-1)  # (N, 2, 2): s[c][i] = −E_t error
         image_scores = -(errors[:, :2] - errors[:, 2:]).mean(dim=-1) if args.normalize_image_score else None
         records = score_examples(examples, scores, image_scores)
@@ -452,7 +478,8 @@ if __name__ == "__main__":
     try:
         results = evaluate(arguments)
     except (FileNotFoundError, ValueError, ImportError) as err:
-        sys.exit(f"error: {err}")
+        # The last line: a DataLoader worker's error arrives with its traceback above it.
+        sys.exit(f"error: {str(err).strip().splitlines()[-1]}")
     if arguments.out:
         Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
         Path(arguments.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -121,9 +121,70 @@ def bench_vae() -> None:
     compare("vae encode SD1.x 256x256 b1 fp32", ours_fn, ref_fn)
 
 
+def bench_eval() -> None:
+    """Winoground CLIP score, ViT-B/32, 16 synthetic examples (640×480 PNGs), whole pipeline from the
+    files (decode, preprocess, tokenize, encode, 2×2 cosines): eval_winoground.clip_scores vs
+    transformers' CLIPImageProcessor + CLIPTokenizer + CLIPModel."""
+    import json
+    import tempfile
+
+    import numpy as np
+    import open_clip
+    import transformers
+    from PIL import Image
+
+    import eval_winoground as ew
+    from clip import Tokenizer, load_clip
+
+    num_examples = 16
+    tokenizer = Tokenizer.from_openai_bpe(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    ref = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the defaults are ViT-B/32
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ref.save_pretrained(tmp / "clip")
+        ours = load_clip(tmp / "clip")
+        (tmp / "clip" / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
+        merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+        (tmp / "clip" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        ref_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp / "clip")
+        processor = transformers.CLIPImageProcessor()
+        (tmp / "data" / "images").mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        x, y = np.meshgrid(np.linspace(0, 1, 640), np.linspace(0, 1, 480))
+        lines = []
+        for k in range(num_examples):
+            for j in (0, 1):
+                rgb = np.stack([x, y, x * y], axis=-1) * 200 + rng.integers(0, 56, (480, 640, 3))
+                Image.fromarray(rgb.astype(np.uint8)).save(tmp / "data" / "images" / f"ex_{k}_img_{j}.png")
+            lines.append(json.dumps({"id": k, "image_0": f"ex_{k}_img_0", "image_1": f"ex_{k}_img_1",
+                                     "caption_0": f"{k} dogs chasing a cat", "caption_1": f"a cat chasing {k} dogs",
+                                     "tag": "Noun", "secondary_tag": "", "num_main_preds": 1, "collapsed_tag": "Object"}))
+        (tmp / "data" / "examples.jsonl").write_text("\n".join(lines) + "\n")
+        data = ew.Winoground(tmp / "data")
+
+        def ours_fn():
+            return ew.clip_scores(ours, tokenizer, data, data.examples, batch_size=num_examples)
+
+        @torch.no_grad()
+        def ref_fn():
+            images = [image for e in data.examples for image in data.images(e)]
+            captions = [c for e in data.examples for c in (e.caption_0, e.caption_1)]
+            pixels = processor(images=images, return_tensors="pt").pixel_values
+            ids = ref_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            img = torch.nn.functional.normalize(ref.get_image_features(pixel_values=pixels), dim=-1).view(num_examples, 2, -1)
+            txt = torch.nn.functional.normalize(ref.get_text_features(input_ids=ids), dim=-1).view(num_examples, 2, -1)
+            return torch.einsum("bcd,bid->bci", txt, img)
+
+        diff = (ours_fn() - ref_fn()).abs().max().item()
+        ours_s, ref_s = median_time(ours_fn, repeat=3), median_time(ref_fn, repeat=3)
+        report(f"eval winoground CLIP B/32, {num_examples} examples", ours_s, ref_s, peak_memory_mib(ours_fn), peak_memory_mib(ref_fn))
+        print(f"{'':<44} examples/s ours {num_examples / ours_s:6.1f}  ref {num_examples / ref_s:6.1f}  "
+              f"(max |Δ| of the 2×2 scores {diff:.1e})", flush=True)
+
+
 # --- end of sections ---
 
-SECTIONS = {"clip": bench_clip, "vae": bench_vae}
+SECTIONS = {"clip": bench_clip, "vae": bench_vae, "eval": bench_eval}
 
 
 def main() -> None:

@@ -206,7 +206,7 @@ def test_parquet_without_pyarrow_says_so(tmp_path):
 
 
 def test_missing_folder_and_examples_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Winoground not found at .*weights/download.py"):
+    with pytest.raises(FileNotFoundError, match="Winoground not found at .*weights/download.py --winoground"):
         ew.Winoground(tmp_path / "nowhere")
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no examples.jsonl"):
@@ -301,14 +301,182 @@ def reference_clip_scores(folder: Path, data: "ew.Winoground") -> torch.Tensor:
     return torch.stack(scores)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_clip_scores_match_transformers(parity, winoground, clip_folder, batch_size):
+@pytest.mark.parametrize("batch_size, workers, layout", [(1, 0, "images"), (3, 2, "zip")])
+def test_clip_scores_match_transformers(parity, tmp_path, clip_folder, batch_size, workers, layout):
     from clip import Tokenizer, load_clip
 
-    data = ew.Winoground(winoground)
-    ours = ew.clip_scores(load_clip(clip_folder), Tokenizer.from_pretrained(clip_folder), data, data.examples, batch_size)
+    data = ew.Winoground(write_winoground(tmp_path, layout))
+    tokenizer = Tokenizer.from_pretrained(clip_folder)
+    ours = ew.clip_scores(load_clip(clip_folder), tokenizer, data, data.examples, batch_size, workers=workers)
     ref = reference_clip_scores(clip_folder, data)
-    parity(f"winoground CLIP 2x2 cosine scores, small config, batch {batch_size}", ours, ref, atol=1e-4)
+    parity(f"winoground CLIP 2x2 cosine scores, small config, batch {batch_size}, {workers} workers", ours, ref, atol=1e-4)
     assert ours[:, 0, 0].std() > 1e-3  # the scores differ between examples: nothing constant was compared
     rows, ref_rows = ew.score_examples(data.examples, ours), ew.score_examples(data.examples, ref)
     assert [(r["text"], r["image"]) for r in rows] == [(r["text"], r["image"]) for r in ref_rows]
+
+
+# ----------------------------------------------------------------------------- diffusion score
+
+SD_RESOLUTION = 16  # tiny VAE: 2 blocks, 16 × 16 pixels → 8 × 8 latents
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion in diffusers layout, every part saved by its reference library."""
+    import diffusers
+
+    folder = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+    )
+    with torch.no_grad():  # diffusers zero-initialises some output projections: make every weight count
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(folder / "unet")
+    diffusers.AutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=SD_RESOLUTION,
+    ).save_pretrained(folder / "vae")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77,
+    )).save_pretrained(folder / "text_encoder")
+    write_tokenizer(folder / "tokenizer")
+    return folder
+
+
+def reference_diffusion_errors(folder: Path, data, example, timesteps: list[int], noise: torch.Tensor) -> torch.Tensor:
+    """(3, 2, T) errors of captions 0, 1 and "" on images 0, 1, with diffusers' UNet, VAE and noise
+    schedule and transformers' tokenizer, image processor and text encoder, one pair at a time."""
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")  # pads with <|endoftext|>, as SD's
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": SD_RESOLUTION}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                                crop_size={"height": SD_RESOLUTION, "width": SD_RESOLUTION})
+    with torch.no_grad():
+        pixels = processor(images=list(data.images(example)), return_tensors="pt").pixel_values  # (2, 3, R, R) in [-1, 1]
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        ids = tokenizer([example.caption_0, example.caption_1, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        context = text_encoder(ids).last_hidden_state
+        errors = torch.zeros(3, 2, len(timesteps))
+        for c in range(3):
+            for i in range(2):
+                for k, t in enumerate(timesteps):
+                    t = torch.tensor([t])
+                    noisy = scheduler.add_noise(latents[i : i + 1], noise[k : k + 1], t)
+                    eps = unet(noisy, t, encoder_hidden_states=context[c : c + 1]).sample
+                    errors[c, i, k] = (eps - noise[k : k + 1]).pow(2).mean()
+    return errors
+
+
+def test_diffusion_score_matches_diffusers(parity, winoground, sd_folder):
+    data = ew.Winoground(winoground)
+    sd = ew.StableDiffusion.from_pretrained(sd_folder)
+    timesteps = [125, 375, 625, 875]  # --timesteps 4: the centres of four equal bins of 0 … 999
+    ours = ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=7, batch_size=5,
+                               resolution=SD_RESOLUTION, unconditional=True)  # (2, 3, 2, T)
+    # The documented noise: one (T, 4, h, w) draw per example, in order, from a generator seeded 7.
+    generator = torch.Generator().manual_seed(7)
+    noise = [torch.randn((4, 4, 8, 8), generator=generator) for _ in range(2)]
+    for n in range(2):
+        ref = reference_diffusion_errors(sd_folder, data, data[n], timesteps, noise[n])
+        parity(f"winoground diffusion errors, tiny SD, example {n}", ours[n], ref, atol=1e-4)
+        parity(f"winoground diffusion 2x2 score, tiny SD, example {n}", -ours[n, :2].mean(-1), -ref[:2].mean(-1), atol=1e-4)
+    assert (ours[:, 0] - ours[:, 1]).abs().min() > 1e-6  # the two captions give different errors: text conditioning counts
+
+
+def test_diffusion_score_is_seeded(winoground, sd_folder):
+    data = ew.Winoground(winoground)
+    sd = ew.StableDiffusion.from_pretrained(sd_folder)
+    run = lambda seed, batch_size: ew.diffusion_errors(sd, data, data.examples[:3], ew.timestep_grid(3), seed=seed,
+                                                       batch_size=batch_size, resolution=SD_RESOLUTION)
+    first = run(0, 4)
+    assert torch.equal(first, run(0, 4))
+    torch.testing.assert_close(first, run(0, 12), rtol=1e-5, atol=1e-6)  # batching changes only the rounding
+    assert (first - run(1, 4)).abs().min() > 0  # another seed, other noise, every error differs
+
+
+def test_sd_folder_errors(tmp_path, sd_folder):
+    with pytest.raises(FileNotFoundError, match="not found.*weights/download.py"):
+        ew.StableDiffusion.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "partial" / "vae").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"lacks the subfolder\(s\) \['unet', 'text_encoder', 'tokenizer'\]"):
+        ew.StableDiffusion.from_pretrained(tmp_path / "partial")
+
+
+# ----------------------------------------------------------------------------- the script, as a user runs it
+
+
+def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "eval_winoground.py"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_script_clip_writes_results(tmp_path, winoground, clip_folder):
+    out = tmp_path / "results" / "clip.json"
+    done = run_script("--clip", str(clip_folder), "--data", str(winoground.parent), "--limit", "4", "--batch_size", "3",
+                      "--device", "cpu", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["settings"]["scorer"] == "clip" and results["settings"]["examples"] == 4
+    assert [e["id"] for e in results["examples"]] == [0, 1, 2, 3]
+    data = ew.Winoground(winoground)
+    ref = reference_clip_scores(clip_folder, data)[:4]
+    torch.testing.assert_close(torch.tensor([e["scores"] for e in results["examples"]]), ref, rtol=0, atol=1e-4)
+    for e in results["examples"]:
+        assert (e["text"], e["image"], e["group"]) == (ew.text_correct(e["scores"]), ew.image_correct(e["scores"]),
+                                                       ew.group_correct(e["scores"]))
+    n = sum(e["text"] for e in results["examples"])
+    assert results["totals"] == {"n": 4, "text": 25.0 * n, "image": 25.0 * sum(e["image"] for e in results["examples"]),
+                                 "group": 25.0 * sum(e["group"] for e in results["examples"])}
+    assert f"all                           4{25.0 * n:>8.2f}" in done.stdout and "collapsed_tag=Object" in done.stdout
+
+
+def test_script_sd_is_deterministic(tmp_path, winoground, sd_folder):
+    """Two runs, one results.json each, the same scores (another seed: test_diffusion_score_is_seeded)."""
+
+    def scores(name: str) -> dict:
+        out = tmp_path / name
+        done = run_script("--sd", str(sd_folder), "--data", str(winoground), "--limit", "2", "--timesteps", "3",
+                          "--resolution", str(SD_RESOLUTION), "--seed", "3", "--normalize_image_score",
+                          "--workers", "0", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert "Stable Diffusion" in done.stdout and "image score normalised" in done.stdout
+        return json.loads(out.read_text())
+
+    first, again = scores("a.json"), scores("b.json")
+    settings = first["settings"]
+    assert settings["timesteps"] == [166, 500, 833] and settings["seed"] == 3 and settings["normalize_image_score"]
+    assert [e["scores"] for e in first["examples"]] == [e["scores"] for e in again["examples"]]
+    assert [e["image_scores"] for e in first["examples"]] == [e["image_scores"] for e in again["examples"]]
+    for e in first["examples"]:  # text judged on the raw scores, image on the normalised ones
+        assert (e["text"], e["image"]) == (ew.text_correct(e["scores"]), ew.image_correct(e["image_scores"]))
+
+
+def test_script_without_weights_says_how_to_get_them(tmp_path, winoground):
+    done = run_script(cwd=tmp_path)  # no --clip/--sd and no weights/clip-vit-base-patch32 here
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: no model given and weights/clip-vit-base-patch32 not found — run "
+                                   "`python weights/download.py` (see weights/README.md), or pass --clip PATH or --sd PATH")
+    done = run_script("--clip", str(tmp_path / "missing"), "--data", str(winoground), cwd=tmp_path)
+    assert done.returncode == 1 and "missing not found" in done.stderr and "weights/download.py" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_script_bad_inputs_are_one_line(tmp_path, clip_folder, sd_folder):
+    folder = write_winoground(tmp_path / "data", "zip")
+    done = run_script("--clip", str(sd_folder / "text_encoder"), "--data", str(folder), cwd=tmp_path)
+    assert done.returncode == 1 and "text_encoder holds a text tower only" in done.stderr
+    with zipfile.ZipFile(folder / "images.zip", "a") as archive:
+        archive.writestr("extra/ex_2_img_0.png", b"not a png")  # listed last, it wins the lookup by file name
+    for workers in ("0", "2"):  # a worker's error reaches the user as the same one line
+        done = run_script("--clip", str(clip_folder), "--data", str(folder), "--workers", workers, cwd=tmp_path)
+        assert done.returncode == 1
+        assert "images.zip:extra/ex_2_img_0.png is not a readable image" in done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stderr
