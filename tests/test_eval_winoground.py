@@ -480,3 +480,26 @@ def test_script_bad_inputs_are_one_line(tmp_path, clip_folder, sd_folder):
         assert done.returncode == 1
         assert "images.zip:extra/ex_2_img_0.png is not a readable image" in done.stderr.strip().splitlines()[-1]
         assert "Traceback" not in done.stderr
+
+
+def test_train_export_is_accepted(tmp_path, winoground, clip_folder):
+    """train.py's final folder (save_clip + the source's tokenizer files + mapper.safetensors)
+    scores as the model it holds: here a CLIP whose LayerNorms moved, as fine-tuning moves them."""
+    import argparse
+
+    import train
+    from clip import Tokenizer, load_clip
+    from sds import Mapper
+
+    clip = load_clip(clip_folder)
+    with torch.no_grad():
+        for module in clip.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.mul_(1.1)
+    train.export(train.SDSCLIP(clip, Mapper(32, (4, 8, 8))), argparse.Namespace(out=str(tmp_path / "export"), clip=str(clip_folder)))
+    data = ew.Winoground(winoground)
+    tokenizer = Tokenizer.from_pretrained(clip_folder)
+    expected = ew.clip_scores(clip, tokenizer, data, data.examples)
+    exported = ew.clip_scores(load_clip(tmp_path / "export"), Tokenizer.from_pretrained(tmp_path / "export"), data, data.examples)
+    assert torch.equal(exported, expected)
+    assert not torch.allclose(expected, ew.clip_scores(load_clip(clip_folder), tokenizer, data, data.examples))
