@@ -277,6 +277,8 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion weights.")
     if path.is_dir():
+        if (path / "vae").is_dir() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder pass {path / 'vae'}.")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
         config = VAEConfig.from_json(path / "config.json")
@@ -323,6 +325,8 @@ if __name__ == "__main__":
     parser.add_argument("--vae", default="weights/stable-diffusion-v1-4/vae", help="vae/ folder or .safetensors")
     parser.add_argument("--size", type=int, default=512, help="resize + centre-crop side, in pixels")
     args = parser.parse_args()
+    if not Path(args.image).is_file():
+        sys.exit(f"{args.image} not found: pass the path to an image file.")
     try:
         vae = load_vae(args.vae)
     except FileNotFoundError as err:

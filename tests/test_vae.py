@@ -221,6 +221,9 @@ def test_fp16_variant_loads_as_fp32(parity, tmp_path):
 def test_missing_paths(tmp_path, small):
     with pytest.raises(FileNotFoundError, match=r"nowhere.*python weights/download.py"):
         load_vae(tmp_path / "nowhere")
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"sd/config.json not found: for a Stable Diffusion folder pass .*sd/vae"):
+        load_vae(tmp_path / "sd")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config.json not found"):
         load_vae(tmp_path / "empty")
@@ -327,4 +330,6 @@ def test_demo_round_trip_and_missing_weights(tmp_path, small):
     assert run.returncode == 0, run.stderr
     assert "latents (1, 4, 16, 16)" in run.stdout and "PSNR" in run.stdout
     run = subprocess.run(demo + ["--vae", str(tmp_path / "no-weights")], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode != 0 and "python weights/download.py" in run.stderr
+    assert run.returncode != 0 and "no-weights not found; run `python weights/download.py`" in run.stderr
+    run = subprocess.run(demo[:2] + [str(tmp_path / "no-image.png")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0 and "no-image.png not found: pass the path to an image file" in run.stderr
