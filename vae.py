@@ -278,7 +278,8 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
         raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion weights.")
     if path.is_dir():
         if (path / "vae").is_dir() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder pass {path / 'vae'}.")
+            raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder, "
+                                    f"pass {path / 'vae'}.")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
         config = VAEConfig.from_json(path / "config.json")
@@ -302,7 +303,7 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     if missing or unexpected:
-        hint = "" if missing != expected.keys() else " (it holds no VAE weights: is it a UNet or CLIP file?)"
+        hint = "" if missing != expected.keys() else " (no diffusers-format VAE weights: a UNet or CLIP file?)"
         problems = " and ".join(f"{len(keys)} {kind} keys [{_first_keys(keys)}]"
                                 for kind, keys in [("missing", missing), ("unexpected", unexpected)] if keys)
         raise ValueError(f"{file} does not match {described}{hint}: {problems}; "

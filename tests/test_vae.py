@@ -222,7 +222,7 @@ def test_missing_paths(tmp_path, small):
     with pytest.raises(FileNotFoundError, match=r"nowhere.*python weights/download.py"):
         load_vae(tmp_path / "nowhere")
     (tmp_path / "sd" / "vae").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"sd/config.json not found: for a Stable Diffusion folder pass .*sd/vae"):
+    with pytest.raises(FileNotFoundError, match=r"sd/config.json not found: for a Stable Diffusion folder, pass .*sd/vae"):
         load_vae(tmp_path / "sd")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config.json not found"):
@@ -253,14 +253,14 @@ def test_unet_and_clip_files_are_refused(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     with pytest.raises(ValueError, match=r"unet/config.json describes a UNet2DConditionModel"):
         load_vae(tmp_path / "unet")
-    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors does not match.*is it a UNet "
-                                         r"or CLIP file.*missing keys \[decoder.conv_in.bias.*unexpected keys "
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors does not match.*a UNet or "
+                                         r"CLIP file.*missing keys \[decoder.conv_in.bias.*unexpected keys "
                                          r"\[conv_in.bias"):
         load_vae(tmp_path / "unet" / WEIGHTS_NAME)
 
     CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
                                  vocab_size=100)).save_pretrained(tmp_path / "clip")
-    with pytest.raises(ValueError, match=r"clip/model.safetensors does not match.*is it a UNet or CLIP file.*"
+    with pytest.raises(ValueError, match=r"clip/model.safetensors does not match.*a UNet or CLIP file.*"
                                          r"unexpected keys \[text_model.embeddings"):
         load_vae(tmp_path / "clip" / "model.safetensors")
 
