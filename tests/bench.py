@@ -178,8 +178,9 @@ def bench_eval() -> None:
         diff = (ours_fn() - ref_fn()).abs().max().item()
         ours_s, ref_s = median_time(ours_fn, repeat=3), median_time(ref_fn, repeat=3)
         report(f"eval winoground CLIP B/32, {num_examples} examples", ours_s, ref_s, peak_memory_mib(ours_fn), peak_memory_mib(ref_fn))
+        workers_s = median_time(lambda: ew.clip_scores(ours, tokenizer, data, data.examples, num_examples, workers=2), repeat=3)
         print(f"{'':<44} examples/s ours {num_examples / ours_s:6.1f}  ref {num_examples / ref_s:6.1f}  "
-              f"(max |Δ| of the 2×2 scores {diff:.1e})", flush=True)
+              f"ours with 2 image workers {num_examples / workers_s:6.1f}  (max |Δ| of the 2×2 scores {diff:.1e})", flush=True)
 
 
 # --- end of sections ---

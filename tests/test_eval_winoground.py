@@ -161,10 +161,11 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("layout", ["images", "zip"])
-@pytest.mark.parametrize("level", ["data", "root"])
+@pytest.mark.parametrize("level", ["data", "root", "file"])
 def test_loads_both_layouts(tmp_path, layout, level):
     write_winoground(tmp_path / "data", layout)
-    data = ew.Winoground(tmp_path / "data" if level == "data" else tmp_path)  # the folder or its data/
+    path = {"data": tmp_path / "data", "root": tmp_path, "file": tmp_path / "data" / "examples.jsonl"}[level]
+    data = ew.Winoground(path)  # the folder, its data/, or examples.jsonl itself
     assert len(data) == len(CAPTIONS)
     assert [vars(e) for e in data.examples] == records()
     for k, example in enumerate(data.examples):
