@@ -227,8 +227,11 @@ class Winoground:
         try:
             image = Image.open(source)
             image.load()
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{where} is not a readable image ({err})") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"{where} is not a readable image (unknown format or corrupt file); "
+                             f"download the dataset again") from None
+        except OSError as err:  # e.g. a truncated file
+            raise ValueError(f"{where} is not a readable image ({err}); download the dataset again") from None
         return image
 
     def images(self, example: Example) -> tuple[Image.Image, Image.Image]:
@@ -484,8 +487,8 @@ if __name__ == "__main__":
     try:
         results = evaluate(arguments)
     except (FileNotFoundError, ValueError, ImportError) as err:
-        # The last line: a DataLoader worker's error arrives with its traceback above it.
-        sys.exit(f"error: {str(err).strip().splitlines()[-1]}")
+        # One line: a DataLoader worker's error arrives as "Caught … Original Traceback … Type: message".
+        sys.exit(f"error: {str(err).strip().splitlines()[-1].removeprefix(type(err).__name__ + ': ')}")
     if arguments.out:
         Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
         Path(arguments.out).write_text(json.dumps(results, indent=1) + "\n")
