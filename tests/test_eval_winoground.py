@@ -351,7 +351,7 @@ def sd_folder(tmp_path_factory) -> Path:
 
 def reference_diffusion_errors(folder: Path, data, example, timesteps: list[int], noise: torch.Tensor) -> torch.Tensor:
     """(3, 2, T) errors of captions 0, 1 and "" on images 0, 1, with diffusers' UNet, VAE and noise
-    schedule and transformers' tokenizer, image processor and text encoder, one pair at a time."""
+    schedule and transformers' tokenizer, image processor and text encoder."""
     import diffusers
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet").eval()
@@ -366,22 +366,19 @@ def reference_diffusion_errors(folder: Path, data, example, timesteps: list[int]
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
         ids = tokenizer([example.caption_0, example.caption_1, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
         context = text_encoder(ids).last_hidden_state
-        errors = torch.zeros(3, 2, len(timesteps))
-        for c in range(3):
-            for i in range(2):
-                for k, t in enumerate(timesteps):
-                    t = torch.tensor([t])
-                    noisy = scheduler.add_noise(latents[i : i + 1], noise[k : k + 1], t)
-                    eps = unet(noisy, t, encoder_hidden_states=context[c : c + 1]).sample
-                    errors[c, i, k] = (eps - noise[k : k + 1]).pow(2).mean()
-    return errors
+        triples = [(c, i, k) for c in range(3) for i in range(2) for k in range(len(timesteps))]
+        t = torch.tensor([timesteps[k] for _, _, k in triples])
+        eps = torch.stack([noise[k] for _, _, k in triples])
+        noisy = scheduler.add_noise(torch.stack([latents[i] for _, i, _ in triples]), eps, t)
+        eps_hat = unet(noisy, t, encoder_hidden_states=torch.stack([context[c] for c, _, _ in triples])).sample
+    return (eps_hat - eps).pow(2).mean(dim=(1, 2, 3)).view(3, 2, len(timesteps))
 
 
 def test_diffusion_score_matches_diffusers(parity, winoground, sd_folder):
     data = ew.Winoground(winoground)
     sd = ew.StableDiffusion.from_pretrained(sd_folder)
     timesteps = [125, 375, 625, 875]  # --timesteps 4: the centres of four equal bins of 0 … 999
-    ours = ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=7, batch_size=5,
+    ours = ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=7, batch_size=10,
                                resolution=SD_RESOLUTION, unconditional=True)  # (2, 3, 2, T)
     # The documented noise: one (T, 4, h, w) draw per example, in order, from a generator seeded 7.
     generator = torch.Generator().manual_seed(7)
