@@ -25,7 +25,7 @@ import transformers
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from clip import Tokenizer, image_transform, load_clip
 from sds import Mapper
