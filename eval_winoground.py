@@ -24,7 +24,7 @@ images.zip, or its parquet files when pyarrow is installed); weights: a CLIP che
     python eval_winoground.py --sd weights/stable-diffusion-v1-4 --timesteps 20 --out out/sd.json
 
 The diffusion score costs 2 × 2 × timesteps UNet calls per example (×1.5 with the empty prompt):
-32,000 for Winoground at 20 timesteps, some 35 hours on a 2-core CPU; run it on a GPU.
+32,000 for Winoground at 20 timesteps: at ≈4 s per UNet call on a 2-core CPU, some 35 hours; use a GPU.
 """
 
 import argparse
