@@ -215,9 +215,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # Residuals added in place into each sublayer's fresh output (which its backward does not need).
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -242,7 +243,7 @@ class SpatialTransformer(nn.Module):
         h = self.proj_out(h) if self.linear else h
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last in memory
         h = h if self.linear else self.proj_out(h)
-        return h + x
+        return h.add_(x)
 
 
 class Downsample(nn.Module):

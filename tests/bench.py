@@ -183,6 +183,36 @@ def bench_eval() -> None:
               f"ours with 2 image workers {num_examples / workers_s:6.1f}  (max |Δ| of the 2×2 scores {diff:.1e})", flush=True)
 
 
+def bench_unet() -> None:
+    """Full-size SD 1.x UNet, 64×64 latents, batch 1, fp32: forward (no_grad) and forward + backward to
+    the input latents (weights frozen), unet.py vs diffusers' UNet2DConditionModel (default attention
+    processor), same weights."""
+    import tempfile
+
+    from diffusers import UNet2DConditionModel
+
+    from unet import load_unet
+
+    with tempfile.TemporaryDirectory() as folder:
+        # diffusers' defaults are the SD 1.x UNet except the text width (1280 there, 768 in SD 1.x)
+        UNet2DConditionModel(cross_attention_dim=768).save_pretrained(folder)
+        ours = load_unet(folder).requires_grad_(False)
+        ref = UNet2DConditionModel.from_pretrained(folder).eval().requires_grad_(False)
+    latents, context, t = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 768), torch.tensor([500])
+
+    with torch.no_grad():
+        compare("unet SD1.x forward 64x64 b1 fp32", lambda: ours(latents, t, context),
+                lambda: ref(latents, t, context).sample)
+
+    def backward(model):
+        x = latents.clone().requires_grad_(True)
+        model(x, t, context).square().mean().backward()  # a scalar of the output, as the SDS loss is
+        return x.grad
+
+    compare("unet SD1.x forward+backward to latents", lambda: backward(ours),
+            lambda: backward(lambda *a: ref(*a).sample), repeat=3)
+
+
 def bench_train() -> None:
     """One SDS-CLIP training step at full size on the CPU, fp32, batch 2: ViT-B/32 CLIP (LayerNorms
     trained) + h_w + the SD 1.x UNet (frozen), random weights built from the configs; sds_mode
@@ -223,7 +253,7 @@ def bench_train() -> None:
 
 # --- end of sections ---
 
-SECTIONS = {"clip": bench_clip, "vae": bench_vae, "eval": bench_eval, "train": bench_train}
+SECTIONS = {"clip": bench_clip, "vae": bench_vae, "eval": bench_eval, "unet": bench_unet, "train": bench_train}
 
 
 def main() -> None:
