@@ -53,8 +53,8 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "preprocessor_config.json")
 # Settings that may differ when resuming: where things are and how often to save; everything
 # else defines the run and must match the checkpoint.
-RESUMABLE_CHANGES = {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every", "device", "num_workers",
-                     "skip_bad_images"}
+RESUMABLE_CHANGES = {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every", "log_every", "device",
+                     "num_workers", "skip_bad_images", "gradient_checkpointing"}
 
 
 def get_args(argv=None) -> argparse.Namespace:

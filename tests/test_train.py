@@ -26,9 +26,11 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
 
 from clip import Tokenizer, image_transform, load_clip
 from sds import Mapper
+from train import CocoCaptions, batches
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -161,6 +163,47 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 def checkpoint_step(path: Path) -> int:
     with safe_open(path, "pt") as f:
         return json.loads(f.metadata()["sds_clip"])["step"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_dataset_reads_every_image_mode_and_draws_captions(assets):
+    dataset = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE))
+    assert len(dataset) == 11  # the uncaptioned image is left out
+    modes = {Image.open(f).mode for f in dataset.files}
+    assert modes == {"RGB", "L", "CMYK", "P"}
+    for i in range(len(dataset)):
+        pixels, index, error = dataset[i]
+        assert error is None and index == i and pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert torch.isfinite(pixels).all()
+    drawn = [[dataset.caption(i, epoch) for epoch in range(32)] for i in range(len(dataset))]
+    assert all(set(row) <= set(dataset.captions[i]) for i, row in enumerate(drawn))
+    assert all(len(set(row)) > 1 for row in drawn)  # drawn afresh each epoch (2-4 captions, 32 epochs)
+    assert drawn == [[dataset.caption(i, epoch) for epoch in range(32)] for i in range(len(dataset))]  # seeded
+
+
+def test_data_order_one_pair_per_image_and_split_across_processes(assets):
+    dataset = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE))
+    batch, per_epoch = 4, 2
+
+    def global_batches(world: int, start: int = 0, count: int = 6) -> list[list[int]]:
+        streams = [batches(dataset, DistributedSampler(dataset, world, r, seed=0, drop_last=True), batch // world,
+                           per_epoch, start, 0) for r in range(world)]
+        out = []
+        for _ in range(count):
+            parts = [next(s) for s in streams]
+            assert len({epoch for epoch, _ in parts}) == 1
+            out.append(sorted(i for _, (_, indices, _) in parts for i in indices))
+        return out
+
+    one = global_batches(1)
+    for epoch in range(3):  # each image at most once per epoch, the order reshuffled every epoch
+        seen = one[2 * epoch] + one[2 * epoch + 1]
+        assert len(set(seen)) == len(seen) == batch * per_epoch
+    assert one[0:2] != one[2:4]
+    assert global_batches(2) == one  # two processes: the same images in each global batch
+    assert global_batches(1, start=3, count=3) == one[3:]  # resuming at batch 3 needs nothing but the number
 
 
 # ----------------------------------------------------------------------------- what changes
