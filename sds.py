@@ -140,6 +140,7 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
 
 if __name__ == "__main__":
     # Demo with a stand-in UNet (ε̂ = 0.9 z_t): the losses need no weights; train.py loads real ones.
+    torch.manual_seed(0)
     schedule = NoiseSchedule()
     print(f"SD 1.x schedule: ᾱ_0 = {schedule.alphas_cumprod[0]:.5f}, ᾱ_999 = {schedule.alphas_cumprod[-1]:.5f}")
     mapper = Mapper(512, (4, 8, 8))

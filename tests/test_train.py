@@ -181,6 +181,8 @@ def test_dataset_reads_every_image_mode_and_draws_captions(assets):
     assert all(set(row) <= set(dataset.captions[i]) for i, row in enumerate(drawn))
     assert all(len(set(row)) > 1 for row in drawn)  # drawn afresh each epoch (2-4 captions, 32 epochs)
     assert drawn == [[dataset.caption(i, epoch) for epoch in range(32)] for i in range(len(dataset))]  # seeded
+    first = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE), limit_images=5)  # --limit_images
+    assert first.files == dataset.files[:5] and [f.name for f in first.files] == [f"{i:012d}.jpg" for i in range(4)] + ["000000000004.png"]
 
 
 def test_data_order_one_pair_per_image_and_split_across_processes(assets):
