@@ -162,7 +162,11 @@ def batches(dataset, sampler, local_batch: int, batches_per_epoch: int, start: i
 
 class GatherWithGrad(torch.autograd.Function):
     """All processes' rows, concatenated in rank order; backward hands each process the gradient
-    of its own rows summed over every process's loss (processes may hold different row counts)."""
+    of its own rows summed over every process's loss (processes may hold different row counts).
+
+    Every process computes the same L_CLIP over the gathered batch, so process r receives
+    W · ∂L_CLIP/∂(its rows); DistributedDataParallel's average over the W processes then leaves
+    exactly the gradient one process would compute on the whole batch."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -316,6 +320,14 @@ def last_good(checkpoint_path: Path) -> str:
             f"(perhaps with a lower --lr or --grad_clip)")
 
 
+def logged_step(line: str) -> float:
+    """The step of a log.jsonl line; infinite for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def export(model: SDSCLIP, args) -> None:
     """The fine-tuned CLIP as a Hugging Face folder (transformers' CLIPModel.from_pretrained and
     our load_clip read it), with the source's tokenizer files, and h_w in mapper.safetensors."""
@@ -402,7 +414,7 @@ def main(argv=None) -> None:
     if master:
         out.mkdir(parents=True, exist_ok=True)
         log_lines = (out / LOG_FILE).read_text().splitlines() if args.resume and (out / LOG_FILE).exists() else []
-        kept = [line for line in log_lines if json.loads(line)["step"] <= step]  # drop steps after the checkpoint
+        kept = [line for line in log_lines if logged_step(line) <= step]  # drop steps after the checkpoint
         (out / LOG_FILE).write_text("".join(line + "\n" for line in kept))
         print(f"trainable: {n_layernorm:,} CLIP LayerNorm + {sum(p.numel() for p in mapper.parameters()):,} h_w parameters; "
               f"frozen: {n_frozen:,} CLIP + {n_sd:,} SD UNet and text encoder")

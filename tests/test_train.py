@@ -255,6 +255,8 @@ def test_image_layernorms_only(assets, tmp_path):
 def test_resume_after_max_steps_is_bit_identical(assets, reference_run, tmp_path):
     train(assets, tmp_path, "--max_steps", str(N_STEPS // 2))
     assert checkpoint_step(tmp_path / "checkpoint.safetensors") == N_STEPS // 2
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 2.3')  # a line a killed run left half-written: dropped on resume
     train(assets, tmp_path, "--max_steps", str(N_STEPS), "--resume")
     assert_bit_identical(tmp_path, reference_run)
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
