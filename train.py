@@ -14,6 +14,9 @@ and finally the fine-tuned CLIP in Hugging Face layout (+ mapper.safetensors) to
     python train.py                                  # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py             # several GPUs: the same run, split
     python train.py --resume                         # continue from --out/checkpoint.safetensors
+
+--sds_mode full (the default, the paper's loss) backpropagates through the UNet: at batch 32
+that needs far more GPU memory than stopgrad; --gradient_checkpointing trades time for it.
 """
 
 import argparse
