@@ -115,7 +115,7 @@ class UNetConfig:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: int) -> torch.Tensor:
-    """(B,) timesteps → (B, dim): [cos(t·ω_i), sin(t·ω_i)] with ω_i = MAX_PERIOD^(−i / (dim/2 − freq_shift))."""
+    """(B,) timesteps → (B, dim): [cos(t·ω_i), sin(t·ω_i)], ω_i = MAX_PERIOD^(−i / (dim/2 − freq_shift))."""
     half = dim // 2
     omega = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
                       / (half - freq_shift))
@@ -298,7 +298,8 @@ class UNet(nn.Module):
                                               heads[i] if kind.startswith("CrossAttn") else None, config,
                                               downsample=not last))
             skips += [width] * (n + (not last))
-        self.mid_block = UNetBlock([widths[-1]] * 2, widths[-1], heads[-1], config, attentions=1)  # resnet, attention, resnet
+        # The mid block: resnet, attention, resnet.
+        self.mid_block = UNetBlock([widths[-1]] * 2, widths[-1], heads[-1], config, attentions=1)
 
         self.up_blocks = nn.ModuleList()
         width = widths[-1]
@@ -318,10 +319,12 @@ class UNet(nn.Module):
         return layer(*args)
 
     def forward(self, latents: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        """latents (B, in_channels, H, W), t (B,) or a scalar, context (B, S, cross_attention_dim) → ε̂ like latents."""
-        self._check_inputs(latents, context)
+        """latents (B, in_channels, H, W), t (B,) or a scalar, context (B, S, cross_attention_dim)
+        → the predicted noise ε̂ (B, out_channels, H, W)."""
+        t = torch.as_tensor(t, device=latents.device).reshape(-1)
+        self._check_inputs(latents, t, context)
         B = latents.shape[0]
-        t = torch.as_tensor(t, device=latents.device).reshape(-1).expand(B)  # a scalar applies to every sample
+        t = t.expand(B)  # a scalar applies to every sample
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                  self.config.freq_shift).to(latents.dtype)
         emb = F.silu(self.time_embedding(emb))  # every ResNet block applies SiLU first: do it once
@@ -352,7 +355,7 @@ class UNet(nn.Module):
         x = self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
         return x.contiguous()
 
-    def _check_inputs(self, latents: torch.Tensor, context: torch.Tensor) -> None:
+    def _check_inputs(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
         c, f = self.config, 2 ** (len(self.config.block_out_channels) - 1)
         if latents.ndim != 4 or latents.shape[1] != c.in_channels or latents.shape[2] % f or latents.shape[3] % f:
             raise ValueError(f"UNet expects latents of shape (B, {c.in_channels}, H, W) with H and W multiples of "
@@ -361,6 +364,8 @@ class UNet(nn.Module):
         if context.ndim != 3 or context.shape[0] != latents.shape[0] or context.shape[2] != c.cross_attention_dim:
             raise ValueError(f"UNet expects context of shape ({latents.shape[0]}, S, {c.cross_attention_dim}) "
                              f"(the text encoder's last hidden state), got {tuple(context.shape)}.")
+        if t.numel() not in (1, latents.shape[0]):
+            raise ValueError(f"UNet expects one timestep or one per sample ({latents.shape[0]}), got {t.numel()}.")
 
 
 def _first_keys(keys) -> str:

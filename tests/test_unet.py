@@ -80,7 +80,8 @@ def test_fp16_variant_file(parity, tmp_path):
     ref.float()
     latents, context = inputs()
     with torch.no_grad():
-        parity("unet sd1 small, fp16 file loaded as fp32", ours(latents, 300, context), ref(latents, 300, context).sample)
+        parity("unet sd1 small, fp16 file loaded as fp32", ours(latents, 300, context),
+               ref(latents, 300, context).sample)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
@@ -196,8 +197,8 @@ def test_wrong_shapes(tmp_path):
     make_reference(tmp_path, **SMALL)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 32}))
-    with pytest.raises(ValueError, match=rf"{WEIGHTS} has 12 tensors of the wrong shape.*config.json.*"
-                                         r"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight \(32, 48\)"):
+    key = r"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight \(32, 48\) ≠ \(32, 32\)"
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} has 12 tensors of the wrong shape.*config.json.*{key}"):
         load_unet(tmp_path)
 
 
@@ -226,6 +227,8 @@ def test_bad_latent_and_context_shapes(tmp_path):
         ours(torch.randn(1, 4, 16, 15), 0, torch.randn(1, 77, CONTEXT_DIM))
     with pytest.raises(ValueError, match=r"context of shape \(1, S, 48\).*\(1, 77, 768\)"):
         ours(torch.randn(1, 4, 16, 16), 0, torch.randn(1, 77, 768))
+    with pytest.raises(ValueError, match=r"one timestep or one per sample \(2\), got 3"):
+        ours(torch.randn(2, 4, 16, 16), torch.tensor([1, 2, 3]), torch.randn(2, 77, CONTEXT_DIM))
     with torch.device("meta"):
         sd1 = UNet(UNetConfig())
     with pytest.raises(ValueError, match=r"multiples of 8.*\(1, 4, 64, 60\)"):
