@@ -3,8 +3,8 @@
     python weights/download.py                          # CLIP ViT-B/32 + Stable Diffusion v1-4 (fp32)
     python weights/download.py --fp16                   # the same, Stable Diffusion in half precision
     python weights/download.py clip-vit-large-patch14   # another CLIP (names: see --help)
-    python weights/download.py --coco data/coco         # MS-COCO 2017 train images + captions
-    python weights/download.py --winoground data/winoground --token hf_...   # gated dataset
+    python weights/download.py --coco weights/coco      # MS-COCO 2017 train images + captions
+    python weights/download.py --winoground weights/winoground --token hf_...   # gated dataset
 
 Models land in weights/<name>/ in the Hugging Face layout that clip.py, unet.py and vae.py load
 (weights/README.md says which script needs which file). Only `.safetensors` weights are fetched,
