@@ -248,7 +248,6 @@ class CLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids → (B, projection_dim), projected, not normalised."""
         self._require_vision()
-        hidden = self.text_model(ids)  # (B, T, width)
         # The caption is summarised by the end-of-text token. OpenAI finds it as the largest id
         # (EOT is the last in the vocabulary); transformers keeps that for configs with the old
         # eos_token_id=2 and otherwise takes the first position holding eos_token_id.
@@ -256,6 +255,10 @@ class CLIP(nn.Module):
             eot = ids.argmax(dim=-1)
         else:
             eot = (ids == self.config.text.eos_token_id).int().argmax(dim=-1)
+        # The mask is causal, so positions after the last end-of-text token cannot change any
+        # output that is pooled: run the tower on the columns up to it only (a short caption
+        # padded to 77 tokens costs a fraction of the full length).
+        hidden = self.text_model(ids[:, : int(eot.max()) + 1])  # (B, T', width)
         return self.text_projection(hidden[torch.arange(ids.shape[0], device=ids.device), eot])
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

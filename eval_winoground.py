@@ -268,9 +268,6 @@ def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Ex
         for start, pixels in zip(range(0, len(examples), batch_size), loader):  # pixels: (B, 2, 3, S, S)
             batch = examples[start : start + batch_size]
             ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
-            # Only the end-of-text token's output is used and the text mask is causal, so the
-            # padding after it changes nothing: drop the columns that are padding in every row.
-            ids = ids[:, : int((ids == tokenizer.eot_id).int().argmax(dim=1).max()) + 1]
             images = F.normalize(model.encode_image(pixels.flatten(0, 1).to(device, dtype)), dim=-1)  # (2B, D)
             texts = F.normalize(model.encode_text(ids.to(device)), dim=-1)  # (2B, D)
             # (B, caption, image): each example's captions against its own two images only.

@@ -3,13 +3,15 @@
     python tests/bench.py            # every section
     python tests/bench.py clip unet  # some sections
 
-Time is the median of several runs (this is a noisy machine); memory is the peak resident
-set size above the level just before the measured call (Linux: VmHWM, reset through
-/proc/self/clear_refs), which covers CPU tensors that torch's allocator does not report.
+Time is the median of several rounds in which ours and the reference take turns (this is a
+noisy machine); memory is the peak resident set size above the level just before the measured
+call (Linux: VmHWM, reset through /proc/self/clear_refs, after malloc_trim), which covers CPU
+tensors that torch's allocator does not report.
 Each line prints ours, the reference and the ratio ours / reference (< 1 is better).
 """
 
 import argparse
+import ctypes
 import gc
 import statistics
 import sys
@@ -23,14 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
     """Median wall-clock seconds of fn() over `repeat` runs, after `warmup` runs."""
+    return statistics.median(paired_times([fn], repeat, warmup)[0])
+
+
+def paired_times(fns, repeat: int = 5, warmup: int = 1) -> list[list[float]]:
+    """Seconds of each fn over `repeat` rounds, the fns taking turns within each round, so that
+    a burst of load from elsewhere on the machine falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return times
 
 
 def _rss_kib(field: str) -> int:
@@ -43,6 +53,9 @@ def _rss_kib(field: str) -> int:
 def peak_memory_mib(fn) -> float:
     """Peak resident memory (MiB) that fn() adds above the level just before it runs."""
     gc.collect()
+    # Hand freed memory back to the OS first: otherwise fn() reuses what earlier calls left in
+    # malloc's free lists, the resident size never rises, and the peak reads as zero.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
     before = _rss_kib("VmRSS")
     fn()
@@ -59,12 +72,11 @@ def report(name: str, ours_s: float, ref_s: float, ours_mib: float, ref_mib: flo
 
 
 def compare(name: str, ours_fn, ref_fn, repeat: int = 5) -> None:
-    """Time both (each after a warm-up run), then measure both, and print one line."""
-    ours_s = median_time(ours_fn, repeat)
-    ref_s = median_time(ref_fn, repeat)
+    """Time both, taking turns (median of `repeat` rounds after a warm-up), measure both, print one line."""
+    ours_times, ref_times = paired_times([ours_fn, ref_fn], repeat)
     ours_mib = peak_memory_mib(ours_fn)
     ref_mib = peak_memory_mib(ref_fn)
-    report(name, ours_s, ref_s, ours_mib, ref_mib)
+    report(name, statistics.median(ours_times), statistics.median(ref_times), ours_mib, ref_mib)
 
 
 # --- sections: each builds both models from the same random weights and calls compare() ---
