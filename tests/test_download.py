@@ -54,6 +54,8 @@ class FakeHub:
         self.drop_once = set()  # paths whose next download stops halfway through
         self.errors = {}  # path in repo -> status codes its next requests answer, in order
         self.page_size = 1000
+        self.next_host = "127.0.0.1"  # the host the listing's Link: rel="next" names
+        self.tree_body = None  # bytes the tree API answers (200) instead of the listing
         self.requests = []  # (server, method, path, headers)
         self.blobs = {}  # sha256 -> bytes the CDN serves
         self.servers = [self._start("hub"), self._start("cdn")]
@@ -125,6 +127,8 @@ class FakeHub:
         files = self.files.get((kind, repo, revision))
         if files is None:
             return self.status(h, 404)
+        if self.tree_body is not None:
+            return self.send(h, self.tree_body, "tree")
         entries = []
         for path, data in sorted(files.items()):
             if path.endswith(LFS_SUFFIXES):
@@ -139,7 +143,8 @@ class FakeHub:
         body = json.dumps(entries[start:start + self.page_size]).encode()
         h.send_response(200)
         if start + self.page_size < len(entries):
-            nxt = f"{self.url}/api/{kind}s/{repo}/tree/{quote(revision, safe='')}?recursive=true&cursor={start + self.page_size}"
+            nxt = (f"http://{self.next_host}:{self.servers[0].server_port}/api/{kind}s/{repo}/tree/"
+                   f"{quote(revision, safe='')}?recursive=true&cursor={start + self.page_size}")
             h.send_header("Link", f'<{nxt}>; rel="next"')
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
@@ -290,6 +295,35 @@ def test_defaults_with_token_go_to_the_hub_as_bearer_and_never_to_the_cdn(hub, t
     cdn_auth = [h.get("Authorization") for role, _, _, h in hub.requests if role == "cdn"]
     assert hub_auth and set(hub_auth) == {"Bearer hf_right"}
     assert len(cdn_auth) == 4 and set(cdn_auth) == {None}  # CLIP's weights + SD's three
+
+
+def test_listing_pages_on_another_host_get_no_token(hub, tmp_path):
+    """The Link header may name any host ("localhost" is another host name for the same fake hub
+    here): the token goes to the endpoint's host only, as for redirects."""
+    files, weights = add_clip(hub)
+    hub.page_size, hub.next_host = 2, "localhost"
+    clip(hub, tmp_path, token="hf_secret")
+    listings = [(urlsplit(path).query, h.get("Host", ""), h.get("Authorization"))
+                for role, _, path, h in hub.requests if path.startswith("/api/")]
+    first_pages = [auth for query, host, auth in listings if "cursor=" not in query]
+    next_pages = [(host, auth) for query, host, auth in listings if "cursor=" in query]
+    assert first_pages and set(first_pages) == {"Bearer hf_secret"}
+    assert next_pages and all(host.startswith("localhost:") and auth is None for host, auth in next_pages)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights  # the listing was still complete
+
+
+@pytest.mark.parametrize("body", [b"<html><body>Sign in to the network</body></html>", b'{"error": "no"}',
+                                  b"\xff\xfe not utf-8"])
+def test_listing_that_is_not_json_is_one_line(hub, tmp_path, body):
+    add_clip(hub)
+    hub.tree_body = body
+    result = run_script("clip-vit-base-patch32", "--dir", tmp_path, "--endpoint", hub.url)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    url = f"{hub.url}/api/models/{CLIP_REPO}/tree/main?recursive=true"
+    assert line.startswith(f"error: {url} answered with something other than the hub's JSON file listing "
+                           f"(it begins {body[:60]!r}); check --endpoint")
 
 
 def test_server_errors_are_retried_then_reported(hub, tmp_path):

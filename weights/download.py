@@ -206,10 +206,14 @@ def fetch(url, dest, size=None, digest=None, token=None, page=None, backoff=BACK
 def list_files(endpoint, repo, revision, token, kind, backoff):
     """{path: tree entry} of every file of repo at revision; {} if there is no such revision."""
     url = f"{endpoint}/api/{kind}s/{repo}/tree/{urllib.parse.quote(revision, safe='')}?recursive=true"
+    host = urllib.parse.urlsplit(url).netloc
     files = {}
     while url:  # the hub pages long listings through a Link: <...>; rel="next" header
+        # The token goes to the endpoint's own host only, as _NoTokenOffSite does for redirects:
+        # the Link header names any address the server likes.
+        page_token = token if urllib.parse.urlsplit(url).netloc == host else None
         try:
-            entries, link = with_retries(lambda: _read_json(url, token), url, backoff)
+            entries, link = with_retries(lambda: _read_listing(url, page_token), url, backoff)
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 return {}
@@ -219,9 +223,18 @@ def list_files(endpoint, repo, revision, token, kind, backoff):
     return files
 
 
-def _read_json(url, token):
+def _read_listing(url, token):
+    """(entries, Link header) of one page of the tree API; a DownloadError if it is not a JSON list of entries."""
     with open_url(url, token) as resp:
-        return json.load(resp), resp.headers.get("Link", "")
+        body, link = resp.read(), resp.headers.get("Link", "")
+    try:
+        entries = json.loads(body)
+    except ValueError:  # not JSON, or not UTF-8: a proxy's or captive portal's page, or not a hub at all
+        entries = None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"path", "type"} <= e.keys() for e in entries):
+        raise DownloadError(f"{url} answered with something other than the hub's JSON file listing "
+                            f"(it begins {body[:60]!r}); check --endpoint (or HF_ENDPOINT) and any proxy in between.")
+    return entries, link
 
 
 def download_repo(repo, plan, folder, endpoint, token=None, kind="model", backoff=BACKOFF_S):
