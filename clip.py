@@ -17,6 +17,9 @@ import gzip
 import html
 import json
 import math
+import types
+import typing
+import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +29,7 @@ import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision import transforms
@@ -35,7 +39,19 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per-channel pixel statistic
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 LEGACY_EOS_TOKEN_ID = 2  # older Hugging Face configs carry eos_token_id=2: pool at argmax(ids) instead
+HEAD_DIM = 64  # every released CLIP's attention head width; the head count of a bare file is width // 64
 DOWNLOAD_HINT = "run `python weights/download.py` (see weights/README.md)"
+# Images that would decode to more pixels than this are refused as unreadable: 40 megapixels take
+# 120 MB as RGB, while a "decompression bomb" (a small file claiming 12000 × 12000 pixels or more)
+# would take gigabytes in every DataLoader worker. COCO's images are at most 640 × 640, Winoground's
+# 1920 × 1280.
+MAX_IMAGE_PIXELS = 40_000_000
+# A large image is decoded at 1/2, 1/4 or 1/8 of its size (JPEG's DCT scaling; a box filter for other
+# formats) as long as its shorter side stays at least this many times the side it is then resized to.
+# The bicubic resize still averages ≥ 4 decoded pixels per output pixel, and the preprocessed image
+# moves by at most 3 of 255 levels (0.4 on average; tests/test_clip.py checks it). COCO's and
+# Winoground's images are too small for it ever to apply at CLIP's 224 or SD's 512.
+REDUCED_DECODE_MARGIN = 4
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -76,14 +92,20 @@ class CLIPConfig:
 
     @classmethod
     def from_hf(cls, config: dict) -> "CLIPConfig":
-        """Read a Hugging Face config.json: a CLIPModel's, or a CLIPTextModel's (flat)."""
+        """Read a Hugging Face config.json: a CLIPModel's, or a CLIPTextModel's (flat). A value of
+        the wrong type raises a ValueError that names its key."""
+        if not isinstance(config, dict):
+            raise ValueError(f"it holds a JSON {type(config).__name__}, not an object")
         if config.get("model_type") == "clip_text_model":
             return cls(text=_from_dict(TextConfig, config), projection_dim=None)
+        top = {"projection_dim": config.get("projection_dim", 512),
+               "logit_scale_init_value": config.get("logit_scale_init_value", 2.6592)}
+        _check_types(cls, top)
         return cls(
-            text=_from_dict(TextConfig, config.get("text_config"), config.get("text_config_dict")),
-            vision=_from_dict(VisionConfig, config.get("vision_config"), config.get("vision_config_dict")),
-            projection_dim=config.get("projection_dim", 512),
-            logit_scale_init_value=config.get("logit_scale_init_value", 2.6592),
+            text=_from_dict(TextConfig, config.get("text_config"), config.get("text_config_dict"), "text_config"),
+            vision=_from_dict(VisionConfig, config.get("vision_config"), config.get("vision_config_dict"),
+                              "vision_config"),
+            **top,
         )
 
     def to_hf(self) -> dict:
@@ -95,18 +117,42 @@ class CLIPConfig:
             "architectures": ["CLIPModel"],
             "model_type": "clip",
             "text_config": {**text, "projection_dim": self.projection_dim},
-            "vision_config": {**asdict(self.vision), "model_type": "clip_vision_model", "projection_dim": self.projection_dim},
+            "vision_config": {**asdict(self.vision), "model_type": "clip_vision_model",
+                              "projection_dim": self.projection_dim},
             "projection_dim": self.projection_dim,
             "logit_scale_init_value": self.logit_scale_init_value,
         }
 
 
-def _from_dict(cls, values: dict | None, override: dict | None = None):
+def _from_dict(cls, values: dict | None, override: dict | None = None, prefix: str = ""):
     known = {f.name for f in fields(cls)}
+    for key, part in [(prefix, values), (prefix + "_dict", override)]:
+        if part is not None and not isinstance(part, dict):
+            raise ValueError(f"{key} is a JSON {type(part).__name__}, not an object")
     merged = {k: v for k, v in (values or {}).items() if k in known}
     if override is not None:  # older files' `*_config_dict`: with the defaults, it replaces `*_config`
         merged.update(asdict(cls()) | {k: v for k, v in override.items() if k in known})
+    _check_types(cls, merged, prefix + "." if prefix else "")
     return cls(**merged)
+
+
+def _matches(value, kind) -> bool:
+    """isinstance for the annotations of the config dataclasses (int, float, str, unions with None)."""
+    if isinstance(kind, types.UnionType):
+        return any(_matches(value, k) for k in typing.get_args(kind))
+    if kind is float:  # JSON writes 1.0 as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:  # bool is an int to Python, not to a config
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_types(cls, values: dict, prefix: str = "") -> None:
+    """A ValueError naming the first value whose type is not its dataclass field's ("2" for an int)."""
+    for f in fields(cls):
+        if f.name in values and not _matches(values[f.name], f.type):
+            kind = getattr(f.type, "__name__", str(f.type))  # "int", or "int | None"
+            raise ValueError(f"{prefix}{f.name} is {values[f.name]!r}, which is not of type {kind}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -128,7 +174,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, T, head_dim)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -271,18 +318,25 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------- loading and saving
 
 
-def _config_from_shapes(state: dict[str, torch.Tensor]) -> CLIPConfig:
+def _config_from_shapes(state: dict[str, torch.Tensor], file: Path) -> CLIPConfig:
     """For a bare .safetensors file: read sizes off the tensors, as OpenAI's build_model does.
     Head counts are not stored anywhere; every released CLIP uses 64-dimensional heads."""
 
     def layers(prefix: str) -> int:
         return len({k.split(".")[3] for k in state if k.startswith(f"{prefix}.encoder.layers.")})
 
+    def heads(tower: str, width: int) -> int:
+        if width % HEAD_DIM:
+            raise ValueError(f"{file} comes without a config.json and its {tower} width {width} is not a multiple "
+                             f"of {HEAD_DIM}, so its attention head count cannot be derived; pass the checkpoint's "
+                             f"folder with its config.json")
+        return width // HEAD_DIM
+
     tok = state["text_model.embeddings.token_embedding.weight"]
     text = TextConfig(
         vocab_size=tok.shape[0], hidden_size=tok.shape[1],
         intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers("text_model"), num_attention_heads=tok.shape[1] // 64,
+        num_hidden_layers=layers("text_model"), num_attention_heads=heads("text", tok.shape[1]),
         max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
     )
     if "vision_model.embeddings.patch_embedding.weight" not in state:
@@ -291,10 +345,30 @@ def _config_from_shapes(state: dict[str, torch.Tensor]) -> CLIPConfig:
     grid = math.isqrt(state["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)
     vision = VisionConfig(
         hidden_size=patch.shape[0], intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers("vision_model"), num_attention_heads=patch.shape[0] // 64,
+        num_hidden_layers=layers("vision_model"), num_attention_heads=heads("image", patch.shape[0]),
         image_size=grid * patch.shape[-1], patch_size=patch.shape[-1], num_channels=patch.shape[1],
     )
     return CLIPConfig(text=text, vision=vision, projection_dim=state["visual_projection.weight"].shape[0])
+
+
+def _check_heads(config: CLIPConfig, config_file: Path) -> None:
+    """Attention splits the width into equal heads: refuse a config where it cannot, before any forward."""
+    for name, tower in [("text_config", config.text), ("vision_config", config.vision)]:
+        if tower is not None and (tower.num_attention_heads < 1 or tower.hidden_size % tower.num_attention_heads):
+            raise ValueError(f"{config_file}: {name} has num_attention_heads {tower.num_attention_heads}, which does "
+                             f"not divide hidden_size {tower.hidden_size}; fix config.json or download it again")
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when any
+    element is, so one fast reduction per tensor (and one device sync for all) finds the candidates;
+    an exact test then clears those whose sum merely overflowed (a float16 sum past 65504, say)."""
+    names = sorted(k for k, v in state.items() if v.is_floating_point() and v.numel())
+    if not names:
+        return []
+    sums = torch.stack([state[k].sum().float() for k in names])
+    candidates = [names[i] for i in (~sums.isfinite()).nonzero().flatten().tolist()]
+    return [k for k in candidates if not state[k].isfinite().all()]
 
 
 def _first(names: list[str], limit: int = 10) -> str:
@@ -310,12 +384,14 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if path.is_dir() and not file.is_file() and (path / "model.fp16.safetensors").is_file():
         file = path / "model.fp16.safetensors"  # the half-precision variant (`download.py --fp16`)
     if not file.is_file():
-        extra = " (this loader reads safetensors only, never pickled .bin files)" if (path / "pytorch_model.bin").exists() else ""
+        pickled = (path / "pytorch_model.bin").exists()
+        extra = " (this loader reads safetensors only, never pickled .bin files)" if pickled else ""
         raise FileNotFoundError(f"{file} not found{extra} — {DOWNLOAD_HINT}")
     try:
         state = load_file(file)
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt — download it again") from None
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt — "
+                         f"download it again") from None
 
     # Dropped on purpose: older files store the position_ids buffers; they are always arange(n).
     state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
@@ -328,11 +404,13 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
 
     if config_file is not None and config_file.is_file():
         try:
-            config = CLIPConfig.from_hf(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{config_file} is not a valid CLIP config.json ({err})") from None
+            config = CLIPConfig.from_hf(json.loads(config_file.read_text(encoding="utf-8")))
+        except ValueError as err:  # JSON and UTF-8 errors are ValueErrors too
+            raise ValueError(f"{config_file} is not a valid CLIP config.json ({err}); fix it or download it "
+                             f"again") from None
+        _check_heads(config, config_file)
     else:
-        config = _config_from_shapes(state)
+        config = _config_from_shapes(state, file)
 
     with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
         model = CLIP(config)
@@ -346,7 +424,17 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if wrong:
         raise ValueError(f"{file} has tensors of the wrong shape for its config: {_first(wrong)}")
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
+    # file, to tell a damaged file from values that overflow `dtype`.
+    bad = _non_finite(model.state_dict())
+    if bad and _non_finite({k: state[k] for k in bad}):
+        raise ValueError(f"{file} holds NaN or infinite values in {_first(bad)}; the file is damaged or was "
+                         f"saved from a run that diverged — download it again or use an earlier checkpoint")
+    if bad:
+        raise ValueError(f"{file} has values beyond the range of {dtype} in {_first(bad)}; load it in "
+                         f"torch.float32 or torch.bfloat16")
+    return model
 
 
 def save_clip(model: CLIP, folder: str | Path) -> None:
@@ -381,9 +469,18 @@ def clean_text(text: str) -> str:
 class Tokenizer:
     """CLIP's byte-level BPE tokenizer (OpenAI's simple_tokenizer): 49,408 tokens, words end in </w>."""
 
+    # Cleaned text is cut into words before BPE, and merges never cross a word boundary. Alternatives
+    # are tried left to right, so the earlier clauses win:
     PATTERN = regex.compile(
-        r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+        r"<\|startoftext\|>|<\|endoftext\|>"  # the special tokens, whole, should a caption spell them out
+        r"|'s|'t|'re|'ve|'m|'ll|'d"  # English contractions as words of their own: "it's" → "it", "'s"
+        r"|[\p{L}]+"  # a run of letters of any script: "café", "東京タワーと富士山"
+        r"|[\p{N}]"  # ONE digit: "2023" is four words, so numbers do not take up rare merged tokens
+        r"|[^\s\p{L}\p{N}]+",  # a run of anything else but whitespace: "!!!", "&", "😀😀"
+        regex.IGNORECASE,  # as OpenAI's; it only matters for the contractions, and the text is lowercase already
     )
+    # Whitespace matches no clause: it only separates words and leaves no token (the </w> that ends each
+    # word's last symbol stands for it).
 
     def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
         self.encoder = encoder
@@ -406,7 +503,8 @@ class Tokenizer:
             return cls.from_openai_bpe(path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer needs vocab.json and merges.txt — {DOWNLOAD_HINT}")
+                raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer needs vocab.json and merges.txt "
+                                        f"— {DOWNLOAD_HINT}")
         encoder = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
@@ -416,7 +514,8 @@ class Tokenizer:
     def from_openai_bpe(cls, path: str | Path) -> "Tokenizer":
         """OpenAI's file lists merges only; the vocabulary is 256 bytes, the same with </w>, one
         token per merge (48,894 of them) and the two special tokens, in that order."""
-        merges = [tuple(line.split()) for line in gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1 : 48894 + 1]]
+        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 48894 + 1]]
         vocab = list(bytes_to_unicode().values())
         vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + [SOT, EOT]
         return cls({t: i for i, t in enumerate(vocab)}, merges)
@@ -451,7 +550,8 @@ class Tokenizer:
             ids.extend(self.encoder[token] for token in self.bpe(word))
         return ids
 
-    def __call__(self, texts: str | list[str], pad_token_id: int = 0, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    def __call__(self, texts: str | list[str], pad_token_id: int = 0,
+                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
         """Texts → (B, context_length) ids: [SOT, tokens…, EOT, pad…]. Too long a text is cut and
         its last position set to EOT, so that pooling still finds the end of the text. Padding: 0
         as OpenAI and open_clip do; Stable Diffusion 1.x's tokenizer pads with EOT (pass
@@ -470,12 +570,52 @@ class Tokenizer:
         if self.eot_id in ids:
             ids = ids[: ids.index(self.eot_id)]
         text = "".join(self.decoder[i] for i in ids if i != self.sot_id)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
 
+def open_image(source, name: str | Path | None = None, size: int | None = None) -> Image.Image:
+    """Open and decode an image (a path or a file object), or raise one ValueError naming it: not an
+    image, corrupt or truncated, or more than MAX_IMAGE_PIXELS to decode (checked before decoding).
+    With `size`, the side the preprocessing resizes the shorter side to, a large image is decoded
+    reduced (see REDUCED_DECODE_MARGIN): a large JPEG is then never decoded at full size at all.
+    A missing file raises FileNotFoundError."""
+    name = name if name is not None else source
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from 89 megapixels on: the check below is stricter, and counts what is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        full_width = image.width
+        factor = 1  # the largest of 1, 2, 4, 8 that leaves the shorter side ≥ the margin × size
+        while size and factor < 8 and min(image.size) // (2 * factor) >= REDUCED_DECODE_MARGIN * size:
+            factor *= 2
+        if factor > 1 and image.format == "JPEG":
+            image.draft(None, (image.width // factor, image.height // factor))  # scaled in the DCT
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{image.width} × {image.height} pixels to decode")
+        image.load()
+        factor //= round(full_width / image.width)  # what draft did not do
+        if factor > 1:  # RGB first, as image_transform does before it resamples (a palette cannot be averaged)
+            image = to_rgb(image).reduce(factor)
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError as err:  # ours, or PIL's own above 179 megapixels
+        raise ValueError(f"{name} is too large to decode safely ({err}; the limit is {MAX_IMAGE_PIXELS:,}), "
+                         f"so it is treated as unreadable") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name} is not a readable image (unknown format or corrupt file)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or damaged files
+        raise ValueError(f"{name} is not a readable image ({err})") from None
+    return image
+
+
+# A named function at the top level, not a lambda: DataLoader workers that are spawned rather than
+# forked (the default on macOS and Windows, and forkserver from Python 3.14 on Linux) receive the
+# dataset and its transform pickled, and pickle refers to a function by its importable name.
 def to_rgb(image):
     return image.convert("RGB")
 
@@ -498,17 +638,17 @@ def image_transform(image_size: int) -> transforms.Compose:
 if __name__ == "__main__":
     import argparse
 
-    from PIL import Image
-
     parser = argparse.ArgumentParser(description="Zero-shot: how well does each caption match the image?")
     parser.add_argument("path", nargs="?", default="weights/clip-vit-base-patch32", help="CLIP checkpoint folder")
-    parser.add_argument("captions", nargs="*", default=["a photo of a cat", "a photo of a dog"], help="candidate captions")
+    parser.add_argument("captions", nargs="*", default=["a photo of a cat", "a photo of a dog"],
+                        help="candidate captions")
     parser.add_argument("--image", required=True, help="image file")
     args = parser.parse_args()
     if not Path(args.path).exists():
         raise SystemExit(f"{args.path} not found — {DOWNLOAD_HINT}")
     model, tokenizer = load_clip(args.path), Tokenizer.from_pretrained(args.path)
-    pixels = image_transform(model.config.vision.image_size)(Image.open(args.image))[None]
+    size = model.config.vision.image_size
+    pixels = image_transform(size)(open_image(args.image, size=size))[None]
     with torch.no_grad():
         probs = model(pixels, tokenizer(args.captions)).softmax(dim=-1)[0]
     for caption, p in zip(args.captions, probs.tolist()):

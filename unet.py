@@ -18,13 +18,15 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 MAX_PERIOD = 10_000  # the longest wavelength of the sinusoidal timestep embedding, as in the Transformer
@@ -86,9 +88,17 @@ class UNetConfig:
     @classmethod
     def from_json(cls, file: Path) -> "UNetConfig":
         try:
-            raw = json.loads(file.read_text())
+            raw = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it again.") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object; {DOWNLOAD_HINT} to fetch "
+                             f"it again.")
+        other = _other_model(raw)
+        if other:
+            sibling = file.parent.parent / "unet"
+            raise ValueError(f"{file} describes {other}, not a UNet; pass the unet/ folder of a Stable Diffusion "
+                             f"checkpoint{f' ({sibling})' if sibling.is_dir() else ''}.")
         for field, wanted in REQUIRED_VALUES.items():
             value = raw.get(field, wanted)
             values = value if isinstance(value, list) else [value]  # per-block lists must hold the value throughout
@@ -96,13 +106,16 @@ class UNetConfig:
                 raise ValueError(f"{file} sets {field} = {value!r}, which unet.py does not implement (it needs "
                                  f"{wanted!r}: the Stable Diffusion 1.x/2.x UNet2DConditionModel; SDXL and "
                                  "class-conditioned UNets are not supported).")
-        config = cls(**{f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None})
+        values = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
+        for f in fields(cls):
+            if f.name in values and not _matches(values[f.name], f.type):
+                kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # "int", "tuple[int, ...]"
+                raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type {kind}; fix it "
+                                 f"or {DOWNLOAD_HINT} to fetch it again.")
+        config = cls(**values)
         checks = {
             "down_block_types": all(b in DOWN_BLOCK_TYPES for b in config.down_block_types),
             "up_block_types": all(b in UP_BLOCK_TYPES for b in config.up_block_types),
-            "layers_per_block": isinstance(config.layers_per_block, int),
-            "cross_attention_dim": isinstance(config.cross_attention_dim, int),
-            "sample_size": isinstance(config.sample_size, int),
             "attention_head_dim": len(config.heads) == len(config.block_out_channels),
         }
         for field, ok in checks.items():
@@ -111,7 +124,39 @@ class UNetConfig:
                                  "(the Stable Diffusion 1.x/2.x UNet2DConditionModel).")
         for name in ("block_out_channels", "down_block_types", "up_block_types"):
             setattr(config, name, tuple(getattr(config, name)))
+        # Each attention splits its block's width into equal heads: check every block that has one
+        # (down i, up i, which uses the heads of down block −1−i, and the mid block, the last's).
+        widths, heads = config.block_out_channels, config.heads
+        used = [i for i, kind in enumerate(config.down_block_types) if kind.startswith("CrossAttn")]
+        used += [len(widths) - 1 - i for i, kind in enumerate(config.up_block_types) if kind.startswith("CrossAttn")]
+        for i in sorted({*used, len(widths) - 1}):
+            if heads[i] < 1 or widths[i] % heads[i]:
+                raise ValueError(f"{file} gives block {i} (width {widths[i]}) {heads[i]} attention heads "
+                                 f"(attention_head_dim), which do not divide its width; fix it or {DOWNLOAD_HINT}.")
         return config
+
+
+def _matches(value, kind) -> bool:
+    """isinstance for UNetConfig's annotations: int, float, bool, str, tuple[X, ...] (a JSON list), unions."""
+    if isinstance(kind, types.UnionType):
+        return any(_matches(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:  # JSON writes 1.0 as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:  # bool is an int to Python, not to a config
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _other_model(raw: dict) -> str | None:
+    """What a config.json that is not a UNet2DConditionModel's describes, in words (None for a UNet)."""
+    if "model_type" in raw:  # a transformers config: SD's text_encoder/, or a CLIP
+        kinds = {"clip_text_model": "a CLIP text encoder (transformers' CLIPTextModel)", "clip": "a CLIP model"}
+        return kinds.get(str(raw["model_type"]), f"a transformers model of type {raw['model_type']!r}")
+    if raw.get("_class_name") == "AutoencoderKL":
+        return "a VAE (AutoencoderKL)"
+    return None  # another diffusers class: REQUIRED_VALUES names it
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: int) -> torch.Tensor:
@@ -215,10 +260,11 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Residuals added in place into each sublayer's fresh output (which its backward does not need).
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        # Residuals added in place into each sublayer's fresh output (which its backward does not need),
+        # which saves one activation-sized allocation per line.
+        x = self.attn1(self.norm1(x)).add_(x)  # x = x + attn1(norm1(x))
+        x = self.attn2(self.norm2(x), context).add_(x)  # x = x + attn2(norm2(x), context)
+        return self.ff(self.norm3(x)).add_(x)  # x = x + ff(norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -373,12 +419,27 @@ def _first_keys(keys) -> str:
     return ", ".join(keys[:10]) + (f", … ({len(keys)} in all)" if len(keys) > 10 else "")
 
 
+def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when any
+    element is, so one fast reduction per tensor (and one device sync for all) finds the candidates;
+    an exact test then clears those whose sum merely overflowed (a float16 sum past 65504, say)."""
+    names = sorted(k for k, v in state_dict.items() if v.is_floating_point() and v.numel())
+    if not names:
+        return []
+    sums = torch.stack([state_dict[k].sum().float() for k in names])
+    candidates = [names[i] for i in (~sums.isfinite()).nonzero().flatten().tolist()]
+    return [k for k in candidates if not state_dict[k].isfinite().all()]
+
+
 def load_unet(path, device="cpu", dtype=torch.float32) -> UNet:
     """Load a diffusers-format UNet: the unet/ folder (config.json + safetensors) or a bare .safetensors file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion weights.")
     if path.is_dir():
+        if (path / "unet").is_dir() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder, "
+                                    f"pass {path / 'unet'}.")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
         config = UNetConfig.from_json(path / "config.json")
@@ -411,7 +472,29 @@ def load_unet(path, device="cpu", dtype=torch.float32) -> UNet:
         raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: [{_first_keys(wrong)}]; "
                          f"check config.json or {DOWNLOAD_HINT}.")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
+    model = model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
+    # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
+    # file, to tell a damaged file from values that overflow `dtype`.
+    bad = _non_finite(model.state_dict())
+    if bad and _non_finite({k: state_dict[k] for k in bad}):
+        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors [{_first_keys(bad)}]; the file "
+                         f"is damaged or was saved from a run that diverged: {DOWNLOAD_HINT} to fetch it again.")
+    if bad:
+        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors [{_first_keys(bad)}]; "
+                         f"load it in torch.float32 or torch.bfloat16.")
+    return model
+
+
+def save_unet(model: UNet, folder) -> None:
+    """Write config.json + diffusion_pytorch_model.safetensors in diffusers' layout
+    (UNet2DConditionModel and load_unet read it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "UNet2DConditionModel", **asdict(model.config), "act_fn": "silu",
+              "mid_block_type": "UNetMidBlock2DCrossAttn"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 SCALING_FACTOR = 0.18215  # SD 1.x: latents × this have roughly unit variance
 GROUP_NORM_EPS = 1e-6  # every GroupNorm of the VAE, the attention's included
@@ -52,17 +53,49 @@ class VAEConfig:
     @classmethod
     def from_json(cls, file: Path) -> "VAEConfig":
         try:
-            raw = json.loads(file.read_text())
+            raw = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it again.") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object; {DOWNLOAD_HINT} to fetch "
+                             f"it again.")
+        other = _other_model(raw)
+        if other:
+            sibling = file.parent.parent / "vae"
+            raise ValueError(f"{file} describes {other}, not a VAE; pass the vae/ folder of a Stable Diffusion "
+                             f"checkpoint{f' ({sibling})' if sibling.is_dir() else ''}.")
         # Other block types or a missing quant conv show up as unexpected or missing keys when
-        # loading; the class and the activation do not, so they are checked here.
-        if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or raw.get("act_fn", "silu") != "silu":
-            raise ValueError(f"{file} describes a {raw.get('_class_name')} with act_fn {raw.get('act_fn')}; "
-                             "vae.py implements the Stable Diffusion 1.x AutoencoderKL (SiLU).")
-        config = cls(**{f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None})
+        # loading; the activation does not, so it is checked here.
+        if raw.get("act_fn", "silu") != "silu":
+            raise ValueError(f"{file} describes a {raw.get('_class_name', 'AutoencoderKL')} with act_fn "
+                             f"{raw['act_fn']}; vae.py implements the Stable Diffusion 1.x AutoencoderKL (SiLU).")
+        values = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
+        for f in fields(cls):
+            if f.name in values and not _matches(values[f.name], f.type):
+                kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # "int", "tuple[int, ...]"
+                raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type {kind}; fix it "
+                                 f"or {DOWNLOAD_HINT} to fetch it again.")
+        config = cls(**values)
         config.block_out_channels = tuple(config.block_out_channels)
         return config
+
+
+def _matches(value, kind) -> bool:
+    """isinstance for VAEConfig's annotations: int, float, tuple[int, ...] (a JSON list)."""
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:  # JSON writes 1.0 as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)  # bool is an int to Python, not to a config
+
+
+def _other_model(raw: dict) -> str | None:
+    """What a config.json that is not an AutoencoderKL's describes, in words (None for a VAE)."""
+    if "model_type" in raw:  # a transformers config: SD's text_encoder/, or a CLIP
+        kinds = {"clip_text_model": "a CLIP text encoder (transformers' CLIPTextModel)", "clip": "a CLIP model"}
+        return kinds.get(str(raw["model_type"]), f"a transformers model of type {raw['model_type']!r}")
+    name = raw.get("_class_name", "AutoencoderKL")
+    return None if name == "AutoencoderKL" else f"a {name}" + (" (the denoising UNet)" if "UNet" in name else "")
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -273,6 +306,18 @@ def _first_keys(keys) -> str:
     return ", ".join(keys[:10]) + (f", … ({len(keys)} in all)" if len(keys) > 10 else "")
 
 
+def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when any
+    element is, so one fast reduction per tensor (and one device sync for all) finds the candidates;
+    an exact test then clears those whose sum merely overflowed (a float16 sum past 65504, say)."""
+    names = sorted(k for k, v in state_dict.items() if v.is_floating_point() and v.numel())
+    if not names:
+        return []
+    sums = torch.stack([state_dict[k].sum().float() for k in names])
+    candidates = [names[i] for i in (~sums.isfinite()).nonzero().flatten().tolist()]
+    return [k for k in candidates if not state_dict[k].isfinite().all()]
+
+
 def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     """Load a diffusers-format VAE: the vae/ folder (config.json + safetensors) or a bare .safetensors file."""
     path = Path(path)
@@ -316,7 +361,30 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
         raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: [{_first_keys(wrong)}]; "
                          f"check config.json or {DOWNLOAD_HINT}.")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
+    model = model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
+    # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
+    # file, to tell a damaged file from values that overflow `dtype`.
+    bad = _non_finite(model.state_dict())
+    if bad and _non_finite({k: state_dict[k] for k in bad}):
+        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors [{_first_keys(bad)}]; the file "
+                         f"is damaged or was saved from a run that diverged: {DOWNLOAD_HINT} to fetch it again.")
+    if bad:
+        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors [{_first_keys(bad)}]; "
+                         f"load it in torch.float32 or torch.bfloat16.")
+    return model
+
+
+def save_vae(model: VAE, folder) -> None:
+    """Write config.json + diffusion_pytorch_model.safetensors in diffusers' layout (AutoencoderKL
+    and load_vae read it): one DownEncoderBlock2D / UpDecoderBlock2D per entry of block_out_channels."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(model.config.block_out_channels)
+    config = {"_class_name": "AutoencoderKL", **asdict(model.config), "act_fn": "silu",
+              "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 if __name__ == "__main__":

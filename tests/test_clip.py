@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -14,7 +15,8 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from clip import CLIP, CLIPConfig, Tokenizer, image_transform, load_clip, save_clip
+import clip
+from clip import OPENAI_STD, CLIP, CLIPConfig, Tokenizer, image_transform, load_clip, open_image, save_clip
 
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 CAPTIONS = ["a photo of a cat", "a dog chasing a ball on the beach", "", "Two PEOPLE & a horse!!! " * 12]
@@ -63,7 +65,8 @@ def hf_tokenizer_folder(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tokenizer")
     (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder, ensure_ascii=False), encoding="utf-8")
     merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
     return folder
 
 
@@ -85,11 +88,14 @@ def test_clip_matches_transformers(parity, tmp_path, tokenizer, hidden_act, eos_
         ids = tokenizer(CAPTIONS, pad_token_id=pad)
         with torch.no_grad():
             out = ref(input_ids=ids, pixel_values=pixels)
-            parity(f"clip small ({tag}, {pad_name}) text embeds", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
-            parity(f"clip small ({tag}, {pad_name}) text last hidden", ours.text_model(ids), out.text_model_output.last_hidden_state)
+            parity(f"clip small ({tag}, {pad_name}) text embeds", ours.encode_text(ids),
+                   ref.get_text_features(input_ids=ids))
+            parity(f"clip small ({tag}, {pad_name}) text last hidden", ours.text_model(ids),
+                   out.text_model_output.last_hidden_state)
             parity(f"clip small ({tag}, {pad_name}) logits_per_image", ours(pixels, ids), out.logits_per_image)
     with torch.no_grad():
-        parity(f"clip small ({tag}) image embeds", ours.encode_image(pixels), ref.get_image_features(pixel_values=pixels))
+        parity(f"clip small ({tag}) image embeds", ours.encode_image(pixels),
+               ref.get_image_features(pixel_values=pixels))
 
 
 @pytest.mark.parametrize("eos_token_id", [2, 300])
@@ -100,7 +106,8 @@ def test_pooling_follows_eos_token_id(parity, tmp_path, eos_token_id):
     ours = load_clip(saved(ref, tmp_path))
     ids = torch.tensor([[49406, 40000, 300, 7, 300, 0], [49406, 300, 12, 40000, 9, 300]])
     with torch.no_grad():
-        parity(f"clip pooling, eos_token_id {eos_token_id}", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
+        parity(f"clip pooling, eos_token_id {eos_token_id}", ours.encode_text(ids),
+               ref.get_text_features(input_ids=ids))
 
 
 def test_text_encoder_matches_transformers(parity, tmp_path, tokenizer):
@@ -137,7 +144,8 @@ def test_bare_safetensors_file_derives_config(parity, tmp_path, tokenizer):
     assert ours.config.vision.num_attention_heads == 2 and ours.config.vision.image_size == 32
     ids, pixels = tokenizer(CAPTIONS), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        parity("clip bare file logits_per_image", ours(pixels, ids), ref(input_ids=ids, pixel_values=pixels).logits_per_image)
+        parity("clip bare file logits_per_image", ours(pixels, ids),
+               ref(input_ids=ids, pixel_values=pixels).logits_per_image)
 
 
 @pytest.mark.full
@@ -146,7 +154,8 @@ def test_full_size_vit_b32_matches_transformers(parity, tmp_path, tokenizer):
     ours = load_clip(saved(ref, tmp_path))
     pixels, ids = torch.randn(2, 3, 224, 224), tokenizer(CAPTIONS)
     with torch.no_grad():
-        parity("clip ViT-B/32 full size image embeds", ours.encode_image(pixels), ref.get_image_features(pixel_values=pixels))
+        parity("clip ViT-B/32 full size image embeds", ours.encode_image(pixels),
+               ref.get_image_features(pixel_values=pixels))
         parity("clip ViT-B/32 full size text embeds", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
         logits = ref(input_ids=ids, pixel_values=pixels).logits_per_image
         parity("clip ViT-B/32 full size logits_per_image", ours(pixels, ids), logits)
@@ -159,7 +168,8 @@ def test_save_clip_round_trip(parity, tmp_path, tokenizer):
     again = load_clip(tmp_path / "out")
     ids, pixels = tokenizer(CAPTIONS), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        parity("save_clip → transformers logits", ours(pixels, ids), ref(input_ids=ids, pixel_values=pixels).logits_per_image)
+        parity("save_clip → transformers logits", ours(pixels, ids),
+               ref(input_ids=ids, pixel_values=pixels).logits_per_image)
         assert torch.equal(again(pixels, ids), ours(pixels, ids))
 
 
@@ -213,7 +223,8 @@ def test_config_dict_overrides_like_transformers():
     ref = transformers.CLIPConfig(**raw)
     for field in ("hidden_size", "intermediate_size", "num_attention_heads", "eos_token_id"):
         assert getattr(ours.text, field) == getattr(ref.text_config, field), field
-    assert (ours.vision.hidden_size, ours.vision.patch_size) == (ref.vision_config.hidden_size, ref.vision_config.patch_size)
+    vision = ref.vision_config
+    assert (ours.vision.hidden_size, ours.vision.patch_size) == (vision.hidden_size, vision.patch_size)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -225,7 +236,8 @@ def tokenizer_corpus() -> list[str]:
         "naïve café résumé", "Ångström, Zürich, São Paulo, Kraków", "ÉCOLE ÉLÉMENTAIRE", "straße", "ﬁne ﬂour",
         "東京タワーと富士山", "北京欢迎你", "안녕하세요 세계", "Привет, мир!", "مرحبا بالعالم", "שלום עולם", "γειά σου κόσμε",
         "🐱 and 🐶", "👩‍👩‍👧‍👦 family", "🏳️‍🌈 flag", "smile 😀😀😀", "❤️ love", "1️⃣ keycap",
-        "Tom &amp; Jerry", "5 &lt; 6 &gt; 4", "&quot;quoted&quot;", "&amp;amp; twice", "&#39;apostrophe&#39;", "caf&eacute;",
+        "Tom &amp; Jerry", "5 &lt; 6 &gt; 4", "&quot;quoted&quot;", "&amp;amp; twice", "&#39;apostrophe&#39;",
+        "caf&eacute;",
         "&nbsp;non-breaking", "fish &amp chips",
         "it's", "they're", "we've", "I'm", "you'll", "he'd", "IT'S LOUD", "don't", "rock'n'roll",
         "12345", "3.14159", "1,000,000", "2023-07-18", "10:45pm", "$99.99", "50%", "1st 2nd 3rd 4th", "0x1F",
@@ -234,7 +246,8 @@ def tokenizer_corpus() -> list[str]:
         "new\nline", "many    spaces", "  leading and trailing  ", "\u00a0nbsp\u00a0", "zero\u200bwidth",
         "mojibake: cafÃ©", "Ã¢â‚¬â„¢", "https://example.com/a?b=c&d=e", "user@example.com", "#hashtag @mention",
         "C++ and C#", "x^2 + y^2 = z^2", "α β γ δ ε", "∑∫∂√∞", "½ ¼ ¾", "™ © ®", "°C °F", "№ 5",
-        "a" * 300, "word " * 100, "🐱" * 80, "supercalifragilisticexpialidocious", "pneumonoultramicroscopicsilicovolcanoconiosis",
+        "a" * 300, "word " * 100, "🐱" * 80, "supercalifragilisticexpialidocious",
+        "pneumonoultramicroscopicsilicovolcanoconiosis",
         "MiXeD CaSe WoRdS", "camelCaseWord", "snake_case_word", "kebab-case-word", "UPPER_CASE", "ÀÉÎÕÜ",
         "a man riding a horse on the left of a tree", "the tree is on the left of the man riding a horse",
         "there is a mug in some grass", "there is some grass in a mug",
@@ -327,6 +340,71 @@ def test_preprocessing_crop_follows_openai():
     assert not torch.allclose(image_transform(224)(image), hf, atol=1e-3)
 
 
+def test_transform_pickles_for_spawned_workers():
+    """DataLoader workers that are spawned (macOS, Windows) receive the transform pickled."""
+    import pickle
+
+    image = make_image("P", (50, 80))
+    assert torch.equal(pickle.loads(pickle.dumps(image_transform(32)))(image), image_transform(32)(image))
+
+
+def smooth_image(width: int, height: int) -> Image.Image:
+    """A photo-like image: smooth structure plus some noise (a random image is all high frequencies)."""
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    noise = np.random.default_rng(width).integers(0, 56, (height, width, 3))
+    return Image.fromarray((np.stack([np.sin(20 * x) * 0.5 + 0.5, y, x * y], -1) * 200 + noise).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt, size, decoded", [("JPEG", 224, (925, 900)), ("PNG", 224, (925, 900)),
+                                                ("JPEG", 400, (1850, 1800)), ("PNG", 100, (463, 450)),
+                                                ("JPEG", 512, (3700, 3600))])
+def test_large_images_are_decoded_reduced(tmp_path, fmt, size, decoded):
+    """3700 × 3600: 1/4 for CLIP's 224 (the shorter side 900 ≥ 4 × 224), 1/8 at most, none for SD's 512.
+    After the resize the preprocessed image is within 3 levels of 255 of the full decode's."""
+    file = tmp_path / f"large.{fmt.lower()}"
+    smooth_image(3700, 3600).save(file, quality=95) if fmt == "JPEG" else smooth_image(3700, 3600).save(file)
+    reduced = open_image(file, size=size)
+    assert reduced.size == decoded
+    diff = (image_transform(size)(reduced) - image_transform(size)(Image.open(file))).abs()
+    level = 1 / 255 / min(OPENAI_STD)  # one 8-bit level, normalised
+    assert diff.max() <= 3 * level + 1e-6 and diff.mean() <= 0.5 * level
+    assert open_image(file).size == (3700, 3600)  # no size given: no reduction
+
+
+def test_images_too_large_to_decode_are_refused(tmp_path, monkeypatch):
+    """Over MAX_IMAGE_PIXELS decoded: refused before decoding, unless a JPEG can be decoded small enough."""
+    smooth_image(1800, 1800).save(tmp_path / "big.jpg", quality=90)
+    smooth_image(1800, 1800).save(tmp_path / "big.png")
+    monkeypatch.setattr(clip, "MAX_IMAGE_PIXELS", 1_000_000)
+    with pytest.raises(ValueError, match=r"big.png is too large to decode safely \(1800 × 1800 pixels to decode; "
+                                         r"the limit is 1,000,000\), so it is treated as unreadable"):
+        open_image(tmp_path / "big.png", size=224)
+    with pytest.raises(ValueError, match=r"big.jpg is too large to decode safely \(1800 × 1800"):
+        open_image(tmp_path / "big.jpg")
+    assert open_image(tmp_path / "big.jpg", size=224).size == (900, 900)  # 810,000 pixels decoded
+
+
+def test_decompression_bomb_is_one_sentence(tmp_path, monkeypatch):
+    """Above twice PIL's own limit, Image.open raises DecompressionBombError (not an OSError)."""
+    make_image("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 pixels > 2 × 500
+    with pytest.raises(ValueError, match=r"bomb.png is too large to decode safely \(Image size \(1600 pixels\)"):
+        open_image(tmp_path / "bomb.png")
+
+
+@pytest.mark.parametrize("content, message", [(b"not an image", r"unknown format or corrupt file"),
+                                              ("truncated", r"image file is truncated")])
+def test_unreadable_images(tmp_path, content, message):
+    if content == "truncated":
+        make_image("RGB", (64, 64)).save(tmp_path / "x.png")
+        content = (tmp_path / "x.png").read_bytes()[:300]
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"x.png is not a readable image \(.*{message}.*\)"):
+        open_image(tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError):
+        open_image(tmp_path / "missing.png")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -358,7 +436,8 @@ def test_corrupt_file(good_folder, damage):
 def test_other_family(tmp_path):
     file = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3), "time_embedding.linear_1.weight": torch.zeros(8, 4)}, file)
-    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors is not a CLIP checkpoint.*conv_in.weight"):
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors is not a CLIP checkpoint.*"
+                                         r"conv_in.weight"):
         load_clip(file)
 
 
@@ -377,7 +456,71 @@ def test_wrong_shape(good_folder):
     config = json.loads((good_folder / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 96
     (good_folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model.safetensors has tensors of the wrong shape.*text_model.encoder.layers.0.mlp.fc1.weight \(128, 64\) \(expected \(96, 64\)\)"):
+    with pytest.raises(ValueError, match=r"model.safetensors has tensors of the wrong shape.*"
+                                         r"text_model.encoder.layers.0.mlp.fc1.weight \(128, 64\) "
+                                         r"\(expected \(96, 64\)\)"):
+        load_clip(good_folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], r"it holds a JSON list, not an object"),
+    (lambda c: {**c, "text_config": [1]}, r"text_config is a JSON list, not an object"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "hidden_size": "64"}},
+     r"text_config.hidden_size is '64', which is not of type int"),
+    (lambda c: {**c, "vision_config": {**c["vision_config"], "layer_norm_eps": None}},
+     r"vision_config.layer_norm_eps is None, which is not of type float"),
+    (lambda c: {**c, "projection_dim": "32"}, r"projection_dim is '32', which is not of type int \| None"),
+])
+def test_config_of_the_wrong_shape_or_type(good_folder, edit, message):
+    """Not an object, or "64" where an int belongs: one sentence naming the file and the key, not a
+    TypeError from deep inside nn.Linear."""
+    config = json.loads((good_folder / "config.json").read_text())
+    (good_folder / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(ValueError, match=rf"config.json is not a valid CLIP config.json \({message}\); fix it"):
+        load_clip(good_folder)
+
+
+def test_flat_text_encoder_config_of_the_wrong_type(tmp_path):
+    folder = saved(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2.0}))
+    with pytest.raises(ValueError, match=r"\(num_hidden_layers is 2.0, which is not of type int\)"):
+        load_clip(folder)
+
+
+@pytest.mark.parametrize("tower", ["text_config", "vision_config"])
+def test_heads_that_do_not_divide_the_width_are_refused_at_load(good_folder, tower):
+    config = json.loads((good_folder / "config.json").read_text())
+    config[tower]["num_attention_heads"] = 3  # width 64
+    (good_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config.json: {tower} has num_attention_heads 3, which does not divide "
+                                         r"hidden_size 64"):
+        load_clip(good_folder)
+
+
+@pytest.mark.parametrize("width, heads", [(32, 2), (96, 3)])
+def test_bare_file_whose_width_is_not_a_multiple_of_64_is_refused(tmp_path, width, heads):
+    """Without config.json the head count is width // 64: 0 heads for 32 (a ZeroDivisionError at the
+    first forward), 1 head instead of 3 for 96 (wrong numbers, silently)."""
+    file = saved(transformers.CLIPModel(small_config(width=width, heads=heads)), tmp_path) / "model.safetensors"
+    with pytest.raises(ValueError, match=rf"model.safetensors comes without a config.json and its text width "
+                                         rf"{width} is not a multiple of 64.*pass the checkpoint's folder with its "
+                                         r"config.json"):
+        load_clip(file)
+    assert load_clip(tmp_path).config.text.num_attention_heads == heads  # the folder, with its config.json, loads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_weights_are_named(good_folder, dtype):
+    file = good_folder / "model.safetensors"
+    state = {k: v.to(dtype) for k, v in load_file(file).items()}
+    state["vision_model.encoder.layers.1.mlp.fc2.weight"][3, 5] = float("inf")
+    state["text_model.final_layer_norm.bias"][7] = float("nan")
+    save_file(state, file)
+    with pytest.raises(ValueError, match=r"model.safetensors holds NaN or infinite values in "
+                                         r"text_model.final_layer_norm.bias, "
+                                         r"vision_model.encoder.layers.1.mlp.fc2.weight; the file is damaged"):
         load_clip(good_folder)
 
 

@@ -220,6 +220,91 @@ def test_unsupported_config(tmp_path, field, value):
         load_unet(tmp_path)
 
 
+@pytest.mark.parametrize("config, message", [
+    ("[]", r"holds a JSON list, not an object"),
+    ('"unet"', r"holds a JSON str, not an object"),
+    ({"layers_per_block": "2"}, r"sets layers_per_block = '2', which is not of type int"),
+    ({"attention_head_dim": "4"}, r"sets attention_head_dim = '4', which is not of type int \| tuple"),
+    ({"block_out_channels": [32.5, 64]}, r"sets block_out_channels = \[32.5, 64\], which is not of type tuple"),
+    ({"use_linear_projection": 1}, r"sets use_linear_projection = 1, which is not of type bool"),
+])
+def test_config_of_the_wrong_shape_or_type(tmp_path, config, message):
+    make_reference(tmp_path, **SMALL)
+    raw = config if isinstance(config, str) else json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                             **config})
+    (tmp_path / "config.json").write_text(raw)
+    with pytest.raises(ValueError, match=rf"config.json {message}"):
+        load_unet(tmp_path)
+
+
+@pytest.mark.parametrize("config, block, width, heads", [
+    (dict(SMALL, attention_head_dim=3), 0, 32, 3),  # the cross-attention level
+    (SMALL_CONFIGS["sd2 linear proj, heads [2, 4]"] | {"attention_head_dim": [2, 5]}, 1, 64, 5),  # per block
+    (dict(SMALL, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+          attention_head_dim=[4, 6]), 1, 64, 6),  # only the mid block attends
+])
+def test_heads_that_do_not_divide_the_width_are_refused_at_load(tmp_path, config, block, width, heads):
+    """Accepted before, these failed at the first forward (a reshape error from inside the attention)."""
+    good = {**config, "attention_head_dim": 2}
+    make_reference(tmp_path, **good)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "attention_head_dim": config["attention_head_dim"]}))
+    with pytest.raises(ValueError, match=rf"config.json gives block {block} \(width {width}\) {heads} attention "
+                                         r"heads \(attention_head_dim\), which do not divide its width"):
+        load_unet(tmp_path)
+
+
+def test_other_parts_of_stable_diffusion_say_what_they_are(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd = tmp_path / "sd"
+    make_reference(sd / "unet", **SMALL)
+    AutoencoderKL(block_out_channels=(32,), norm_num_groups=8).save_pretrained(sd / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                                 vocab_size=100)).save_pretrained(sd / "text_encoder")
+    with pytest.raises(ValueError, match=r"text_encoder/config.json describes a CLIP text encoder \(transformers' "
+                                         rf"CLIPTextModel\), not a UNet; pass the unet/ folder of a Stable "
+                                         rf"Diffusion checkpoint \({sd / 'unet'}\)"):
+        load_unet(sd / "text_encoder")
+    with pytest.raises(ValueError, match=rf"vae/config.json describes a VAE \(AutoencoderKL\), not a UNet; pass "
+                                         rf"the unet/ folder of a Stable Diffusion checkpoint \({sd / 'unet'}\)"):
+        load_unet(sd / "vae")
+    with pytest.raises(FileNotFoundError, match=rf"config.json not found: for a Stable Diffusion folder, pass "
+                                                rf"{sd / 'unet'}"):
+        load_unet(sd)
+
+
+def test_non_finite_weights_are_named(tmp_path):
+    make_reference(tmp_path, **SMALL)
+    state = {k: v.half() for k, v in load_file(tmp_path / WEIGHTS).items()}
+    state["up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"][5, 5] = float("inf")
+    save_file(state, tmp_path / WEIGHTS)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} holds NaN or infinite values in 1 tensors "
+                                         r"\[up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight\]; the file "
+                                         r"is damaged"):
+        load_unet(tmp_path)
+
+
+def test_values_that_overflow_the_requested_dtype_are_not_blamed_on_the_file(tmp_path):
+    make_reference(tmp_path, **SMALL)
+    state = load_file(tmp_path / WEIGHTS)
+    state["conv_in.bias"][0] = 1e6  # finite in float32, beyond float16's 65504
+    save_file(state, tmp_path / WEIGHTS)
+    assert load_unet(tmp_path).conv_in.bias[0] == 1e6
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} has values beyond the range of torch.float16 in 1 tensors "
+                                         r"\[conv_in.bias\]; load it in torch.float32 or torch.bfloat16"):
+        load_unet(tmp_path, dtype=torch.float16)
+
+
+def test_finite_weights_whose_sum_overflows_load(tmp_path):
+    """The check sums each tensor first: a float16 sum past 65504 is infinite although every value is finite."""
+    make_reference(tmp_path, **SMALL)
+    state = load_file(tmp_path / WEIGHTS)
+    state["conv_in.weight"].fill_(60000.0)  # 1,152 values of 60000: finite in float16, their sum is not
+    save_file({k: v.half() for k, v in state.items()}, tmp_path / WEIGHTS)
+    assert (load_unet(tmp_path, dtype=torch.float16).conv_in.weight == 60000.0).all()
+
+
 def test_bad_latent_and_context_shapes(tmp_path):
     make_reference(tmp_path, **SMALL)
     ours = load_unet(tmp_path)

@@ -222,7 +222,8 @@ def test_missing_paths(tmp_path, small):
     with pytest.raises(FileNotFoundError, match=r"nowhere.*python weights/download.py"):
         load_vae(tmp_path / "nowhere")
     (tmp_path / "sd" / "vae").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"sd/config.json not found: for a Stable Diffusion folder, pass .*sd/vae"):
+    with pytest.raises(FileNotFoundError, match=r"sd/config.json not found: for a Stable Diffusion folder, "
+                                                r"pass .*sd/vae"):
         load_vae(tmp_path / "sd")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config.json not found"):
@@ -265,6 +266,46 @@ def test_unet_and_clip_files_are_refused(tmp_path):
         load_vae(tmp_path / "clip" / "model.safetensors")
 
 
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], r"holds a JSON list, not an object"),
+    ({"layers_per_block": "2"}, r"sets layers_per_block = '2', which is not of type int"),
+    ({"block_out_channels": [32, "64"]}, r"sets block_out_channels = \[32, '64'\], which is not of type tuple"),
+    ({"scaling_factor": "0.5"}, r"sets scaling_factor = '0.5', which is not of type float"),
+])
+def test_config_of_the_wrong_shape_or_type(tmp_path, small, config, message):
+    """Not an object, or "2" for an int: one sentence naming the file and the field, not an AttributeError
+    or a TypeError from inside torch."""
+    raw = config if isinstance(config, list) else {**json.loads((small[2] / "config.json").read_text()), **config}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    (tmp_path / WEIGHTS_NAME).write_bytes((small[2] / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match=rf"config.json {message}.*python weights/download.py"):
+        load_vae(tmp_path)
+
+
+def test_text_encoder_folder_says_what_it_is(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                                 vocab_size=100)).save_pretrained(tmp_path / "sd" / "text_encoder")
+    with pytest.raises(ValueError, match=r"text_encoder/config.json describes a CLIP text encoder \(transformers' "
+                                         rf"CLIPTextModel\), not a VAE; pass the vae/ folder of a Stable Diffusion "
+                                         rf"checkpoint \({tmp_path / 'sd' / 'vae'}\)"):
+        load_vae(tmp_path / "sd" / "text_encoder")
+
+
+def test_non_finite_weights_are_named(tmp_path, small):
+    state_dict = load_file(small[2] / WEIGHTS_NAME)
+    state_dict["decoder.mid_block.attentions.0.to_v.bias"][0] = float("nan")
+    state_dict["encoder.conv_in.weight"][1, 2, 0, 0] = -float("inf")
+    save_file(state_dict, tmp_path / WEIGHTS_NAME)
+    (tmp_path / "config.json").write_text((small[2] / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors holds NaN or infinite values in 2 "
+                                         r"tensors \[decoder.mid_block.attentions.0.to_v.bias, "
+                                         r"encoder.conv_in.weight\]; the file is damaged"):
+        load_vae(tmp_path)
+
+
 def test_missing_and_unexpected_keys_are_named(tmp_path, small):
     state_dict = load_file(small[2] / WEIGHTS_NAME)
     del state_dict["decoder.up_blocks.1.resnets.2.norm2.weight"]
@@ -282,8 +323,9 @@ def test_wrong_shapes_are_named(tmp_path, small):
     config["latent_channels"] = 8  # the file was saved with 4
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / WEIGHTS_NAME).write_bytes((small[2] / WEIGHTS_NAME).read_bytes())
-    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors has 7 tensors of the wrong shape for the VAE "
-                                         r"that .*config.json describes: \[decoder.conv_in.weight \(64, 4, 3, 3\) ≠ \(64, 8, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors has 7 tensors of the wrong shape for "
+                                         r"the VAE that .*config.json describes: \[decoder.conv_in.weight "
+                                         r"\(64, 4, 3, 3\) ≠ \(64, 8, 3, 3\)"):
         load_vae(tmp_path)
 
 
