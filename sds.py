@@ -99,15 +99,15 @@ def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.
         L = 1/B Σ_b ‖ε_θ(z_t, t, c) − ε‖² / (C·H·W)
         ∂L/∂z_t = 2/(B·C·H·W) · (∂ε_θ/∂z_t)ᵀ (ε̂ − ε)
 
-    mode="stopgrad" (DreamFusion's SDS), the UNet run under no_grad, weighting w(t) = 1:
-        L = 1/B Σ_b ‖z_t − sg(z_t − w(t)(ε̂ − ε))‖² / (C·H·W)
-        value:   the same number as mode="full" (with w = 1 it is ‖ε̂ − ε‖² / (C·H·W)),
-        ∂L/∂z_t = 2/(B·C·H·W) · w(t)(ε̂ − ε),
+    mode="stopgrad" (DreamFusion's SDS), the UNet run under no_grad:
+        L = 1/B Σ_b ‖z_t − sg(z_t − (ε̂ − ε))‖² / (C·H·W)
+        value:   the same number as mode="full", ‖ε̂ − ε‖² / (C·H·W),
+        ∂L/∂z_t = 2/(B·C·H·W) · (ε̂ − ε),
     i.e. the gradient of the full loss with the UNet Jacobian ∂ε_θ/∂z_t replaced by the
-    identity, at the same scale, so that one λ serves both modes. w(t) = 1 rather than
-    DreamFusion's 1 − ᾱ_t: the chain rule already scales by ∂z_t/∂z_0 = √ᾱ_t, and the value
-    then equals the paper's loss. In both modes the gradient reaches θ = (w, φ) through
-    ∂z_t/∂z_0 = √ᾱ_t and z_0 = h_w(f_φ(x)).
+    identity, at the same scale, so that one λ serves both modes. DreamFusion's per-timestep
+    weight w(t) is 1 here, not its 1 − ᾱ_t: the chain rule already scales by ∂z_t/∂z_0 = √ᾱ_t,
+    and with w(t) = 1 the value equals the paper's loss. In both modes the gradient reaches
+    θ = (w, φ) through ∂z_t/∂z_0 = √ᾱ_t and z_0 = h_w(f_φ(x)).
     """
     z0 = mapper(image_embeds)  # z_0 = h_w(f_φ(x)), (B, C, H, W)
     batch = z0.shape[0]
@@ -121,13 +121,22 @@ def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.
     if mode == "full":
         return denoising_error(unet, z0, t, noise, context, schedule).mean()  # E ‖ε_θ(z_t, t, c) − ε‖²
     if mode == "stopgrad":
-        z_t = schedule.add_noise(z0.float(), noise, t)  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε (float32: z_t − target must not round)
+        # In float32: z_t − target must not round.
+        z_t = schedule.add_noise(z0.float(), noise, t)  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
         with torch.no_grad():
             eps_hat = unet(z_t, t, context).float()  # ε̂ = ε_θ(z_t, t, c), no Jacobian
-        w = 1.0  # w(t) = 1
-        target = (z_t - w * (eps_hat - noise)).detach()  # sg(z_t − w(t)(ε̂ − ε))
+        target = (z_t - (eps_hat - noise)).detach()  # sg(z_t − (ε̂ − ε))
         return F.mse_loss(z_t, target)  # 1/(B·C·H·W) Σ ‖z_t − target‖²
     raise ValueError(f"sds_loss: mode must be 'full' or 'stopgrad', got {mode!r}")
+
+
+def encode_prompt(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """c: the captions through SD's own text encoder, (B, 77, D): the last hidden state after the
+    final LayerNorm, with the ids padded by end-of-text as in SD 1.x's training (not with 0, as
+    OpenAI's CLIP pads). `text_encoder` has a `.text_model(ids)`, `tokenizer(texts, pad_token_id=…)`
+    returns (B, 77) ids and has `.eot_id` (clip.py's CLIP and Tokenizer)."""
+    ids = tokenizer(captions, pad_token_id=tokenizer.eot_id)  # (B, 77), EOT after the caption
+    return text_encoder.text_model(ids.to(next(text_encoder.parameters()).device))  # (B, 77, D)
 
 
 def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:

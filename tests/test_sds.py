@@ -4,14 +4,20 @@ and CLIP's contrastive loss in numpy. The UNet is a tiny diffusers UNet2DConditi
 these tests do not depend on unet.py.
 """
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from sds import Mapper, NoiseSchedule, contrastive_loss, denoising_error, sds_loss
+from clip import Tokenizer, load_clip
+from sds import Mapper, NoiseSchedule, contrastive_loss, denoising_error, encode_prompt, sds_loss
+
+OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 EMBED_DIM = 16
 CONTEXT_DIM = 32
@@ -112,10 +118,10 @@ def test_stopgrad_gradient_equals_analytic_form(unet, inputs, parity):
     loss = sds_loss(unet, NoiseSchedule(), mapper, embeds_ours, context, t=t, noise=noise, mode="stopgrad")
     loss.backward()
 
-    # ∂L/∂z_0 = 2/(B·C·H·W) · w(t) (ε̂ − ε) · √ᾱ_t with w = 1, then the chain rule through h_w by hand.
+    # ∂L/∂z_0 = 2/(B·C·H·W) · (ε̂ − ε) · √ᾱ_t (w(t) = 1), then the chain rule through h_w by hand.
     with torch.no_grad():
-        per_sample, full_value, eps_hat = _written_loss(unet, mapper.proj.weight, mapper.proj.bias, embeds, context, t,
-                                                        noise)
+        per_sample, full_value, eps_hat = _written_loss(unet, mapper.proj.weight, mapper.proj.bias, embeds, context,
+                                                        t, noise)
         alphas_cumprod = NoiseSchedule().alphas_cumprod.double()
         sqrt_a = alphas_cumprod[t].sqrt()[:, None, None, None]
         grad_z0 = 2.0 / (BATCH * np.prod(LATENT)) * (eps_hat.double() - noise.double()) * sqrt_a
@@ -173,3 +179,24 @@ def test_contrastive_loss_equals_hand_computation(parity):
     parity("sds contrastive_loss vs numpy", contrastive_loss(logits), ref, atol=1e-12)
     # A perfectly matched batch costs ~0, a shuffled one a lot: the labels are the diagonal.
     assert contrastive_loss(torch.eye(4) * 100) < 1e-6 < 10 < contrastive_loss(torch.eye(4).flip(0) * 100)
+
+
+def test_encode_prompt_pads_with_eot_and_equals_transformers(tmp_path, parity):
+    config = transformers.CLIPTextConfig(hidden_size=CONTEXT_DIM, intermediate_size=64, num_attention_heads=4,
+                                         num_hidden_layers=2)
+    ref = transformers.CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # off the init, which leaves LayerNorms at exactly 1 and 0
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    tokenizer = Tokenizer.from_openai_bpe(OPENAI_BPE)
+    captions = ["a mug in some grass", "some grass in a mug, seen from above"]
+    ids = tokenizer(captions)  # padded with 0, OpenAI's way; SD 1.x pads with EOT after the caption
+    lengths = (ids == tokenizer.eot_id).int().argmax(dim=1) + 1
+    eot_padded = torch.where(torch.arange(77) < lengths[:, None], ids, tokenizer.eot_id)
+    assert not torch.equal(eot_padded, ids)
+    with torch.no_grad():
+        ours = encode_prompt(load_clip(tmp_path), tokenizer, captions)
+        expected = ref(input_ids=eot_padded).last_hidden_state
+    assert ours.shape == (2, 77, CONTEXT_DIM)
+    parity("sds encode_prompt vs transformers CLIPTextModel, EOT padding", ours, expected, atol=1e-5)
