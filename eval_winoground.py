@@ -18,45 +18,47 @@ Two scorers:
 
 Data: a local copy of the gated facebook/winoground dataset (examples.jsonl + images/ or
 images.zip, or its parquet files when pyarrow is installed); weights: a CLIP checkpoint folder
-(load_clip) or a Stable Diffusion 1.x diffusers folder.
+(load_clip) or a Stable Diffusion 1.x or 2.x-base diffusers folder; or the hub id of either, when it is in
+the local Hugging Face cache.
 
     python eval_winoground.py --clip weights/clip-vit-base-patch32 --out out/clip.json
     python eval_winoground.py --sd weights/stable-diffusion-v1-4 --timesteps 20 --out out/sd.json
+    python eval_winoground.py --toy --sd          # the toy world's SD on its test split (weights/toyworld.py)
 
 The diffusion score costs 2 × 2 × timesteps UNet calls per example (×1.5 with the empty prompt):
 32,000 for Winoground at 20 timesteps: at ≈4 s per UNet call on a 2-core CPU, some 35 hours; use a GPU.
 """
 
 import argparse
-import contextlib
 import io
 import json
 import sys
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
-from clip import Tokenizer, image_transform, load_clip, to_rgb
-from sds import NoiseSchedule, denoising_error
+from clip import DOWNLOAD_HINT, Tokenizer, hub_path, image_transform, load_clip, open_image, to_rgb
+from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, check_scheduler, denoising_error, encode_prompt
 from unet import load_unet
 from vae import load_vae
 
 DEFAULT_DATA = "weights/winoground"
 DEFAULT_CLIP = "weights/clip-vit-base-patch32"
 DEFAULT_SD = "weights/stable-diffusion-v1-4"
-DOWNLOAD_HINT = "run `python weights/download.py` (see weights/README.md)"
+# --toy: the small world that weights/toyworld.py builds (a small CLIP, a small SD, Winoground-style splits).
+TOY_DIR = "weights/toy"
+TOY_DATA, TOY_CLIP, TOY_SD = f"{TOY_DIR}/data/test", f"{TOY_DIR}/clip", f"{TOY_DIR}/sd"
 FIELDS = {"id": int, "image_0": str, "image_1": str, "caption_0": str, "caption_1": str,
           "tag": str, "secondary_tag": str, "num_main_preds": int, "collapsed_tag": str}
 IMAGE_EXTENSION = ".png"  # examples.jsonl names images without extension: "ex_0_img_0" → images/ex_0_img_0.png
-SD_RESOLUTION = 512  # SD 1.x was trained on 512 × 512 images (64 × 64 latents)
-NUM_TRAIN_TIMESTEPS = 1000  # SD 1.x's diffusion has timesteps 0 … 999
+PRECISIONS = ("bf16", "fp32")  # --precision
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -105,6 +107,12 @@ def _check_fields(record: dict, where: str) -> None:
             raise ValueError(f"{where}: field {name!r} should be an integer, got {value!r}")
         if kind is str and not isinstance(value, str):
             raise ValueError(f"{where}: field {name!r} should be a string, got {value!r}")
+        # An image name is looked up inside images/: refuse one that points elsewhere ("/etc/…", "../…", "C:\…");
+        # PureWindowsPath splits at both / and \.
+        if name.startswith("image_") and (PurePosixPath(value).is_absolute() or PureWindowsPath(value).anchor
+                                          or ".." in PureWindowsPath(value).parts):
+            raise ValueError(f"{where}: {name} {value!r} is an absolute path or goes up with '..'; Winoground "
+                             f"names its images like 'ex_0_img_0', files inside images/")
 
 
 class Winoground:
@@ -130,17 +138,23 @@ class Winoground:
         else:
             files = [path] if path.is_file() and path.suffix == ".parquet" else sorted(path.rglob("*.parquet"))
             if not files:
-                raise FileNotFoundError(f"{path} holds no examples.jsonl (nor data/examples.jsonl) and no parquet files: "
-                                        f"point --data to a copy of facebook/winoground")
+                raise FileNotFoundError(f"{path} holds no examples.jsonl (nor data/examples.jsonl) and no parquet "
+                                        f"files: point --data to a copy of facebook/winoground")
             self.examples = self._read_parquet(files)
         ids = [e.id for e in self.examples]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{path}: example ids repeat ({len(ids) - len(set(ids))} duplicates); the copy looks corrupt")
+            raise ValueError(f"{path}: example ids repeat ({len(ids) - len(set(ids))} duplicates); the copy looks "
+                             f"corrupt")
 
     @staticmethod
     def _read_jsonl(file: Path) -> list[Example]:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file} is not UTF-8 text (byte {err.start} cannot be decoded: {err.reason}); "
+                             f"download the dataset again") from None
         examples = []
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -213,7 +227,8 @@ class Winoground:
     def __getitem__(self, index: int) -> Example:
         return self.examples[index]
 
-    def image(self, name: str) -> Image.Image:
+    def image(self, name: str, size: int | None = None) -> Image.Image:
+        """The decoded image; with `size` (the side the preprocessing resizes to) a large one is decoded reduced."""
         if name in self.image_bytes:
             source, where = io.BytesIO(self.image_bytes[name]), f"parquet image {name}"
         elif self.zip is not None:
@@ -225,17 +240,12 @@ class Winoground:
         else:
             source = where = self.root / self._file_name(name)
         try:
-            image = Image.open(source)
-            image.load()
-        except UnidentifiedImageError:
-            raise ValueError(f"{where} is not a readable image (unknown format or corrupt file); "
-                             f"download the dataset again") from None
-        except OSError as err:  # e.g. a truncated file
-            raise ValueError(f"{where} is not a readable image ({err}); download the dataset again") from None
-        return image
+            return open_image(source, where, size)
+        except ValueError as err:  # unreadable, or too large to decode safely
+            raise ValueError(f"{err}; download the dataset again") from None
 
-    def images(self, example: Example) -> tuple[Image.Image, Image.Image]:
-        return self.image(example.image_0), self.image(example.image_1)
+    def images(self, example: Example, size: int | None = None) -> tuple[Image.Image, Image.Image]:
+        return self.image(example.image_0, size), self.image(example.image_1, size)
 
 
 # ----------------------------------------------------------------------------- CLIP score
@@ -246,21 +256,23 @@ class ImagePairs(torch.utils.data.Dataset):
     decoding and resizing (Winoground's PNGs are up to 1920 × 1280, about 0.2 s each on one
     core) run in worker processes while the model works."""
 
-    def __init__(self, data: Winoground, examples: list[Example], transform):
-        self.data, self.examples, self.transform = data, examples, transform
+    def __init__(self, data: Winoground, examples: list[Example], transform, size: int):
+        self.data, self.examples, self.transform, self.size = data, examples, transform, size
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, n: int) -> torch.Tensor:
-        return torch.stack([self.transform(image) for image in self.data.images(self.examples[n])])
+        return torch.stack([self.transform(image) for image in self.data.images(self.examples[n], self.size)])
 
 
 @torch.no_grad()
 def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Example], batch_size: int = 32,
-                device: str | torch.device = "cpu", workers: int = 0) -> torch.Tensor:
-    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time."""
-    pairs = ImagePairs(data, examples, image_transform(model.config.vision.image_size))
+                device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
+    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time;
+    precision "bf16" runs the towers under bfloat16 autocast (the cosines are taken in float32)."""
+    size = model.config.vision.image_size
+    pairs = ImagePairs(data, examples, image_transform(size), size)
     loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, num_workers=workers)
     dtype = next(model.parameters()).dtype
     scores = []
@@ -268,12 +280,23 @@ def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Ex
         for start, pixels in zip(range(0, len(examples), batch_size), loader):  # pixels: (B, 2, 3, S, S)
             batch = examples[start : start + batch_size]
             ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
-            images = F.normalize(model.encode_image(pixels.flatten(0, 1).to(device, dtype)), dim=-1)  # (2B, D)
-            texts = F.normalize(model.encode_text(ids.to(device)), dim=-1)  # (2B, D)
+            with autocast(device, precision):
+                images = model.encode_image(pixels.flatten(0, 1).to(device, dtype))  # (2B, D)
+                texts = model.encode_text(ids.to(device))  # (2B, D)
+            # float32: a bfloat16 cosine keeps 8 bits (steps of 2^-9 near 0.3), and Winoground counts a tie as a failure
+            images, texts = F.normalize(images.float(), dim=-1), F.normalize(texts.float(), dim=-1)
             # (B, caption, image): each example's captions against its own two images only.
-            scores.append(torch.einsum("bcd,bid->bci", texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)))
+            texts, images = texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)  # (B, 2, D)
+            scores.append(torch.einsum("bcd,bid->bci", texts, images))
             progress.update(len(batch))
     return torch.cat(scores).float().cpu()
+
+
+def autocast(device: str | torch.device, precision: str) -> torch.autocast:
+    """precision "bf16": matmuls and convolutions in bfloat16 under autocast; "fp32": autocast off."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------- diffusion score
@@ -287,7 +310,7 @@ def timestep_grid(n: int) -> torch.Tensor:
     return ((torch.arange(n) + 0.5) * NUM_TRAIN_TIMESTEPS / n).long()
 
 
-def sd_image_transform(resolution: int = SD_RESOLUTION) -> transforms.Compose:
+def sd_image_transform(resolution: int) -> transforms.Compose:
     """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side, centre crop."""
     return transforms.Compose([
         to_rgb,
@@ -300,53 +323,61 @@ def sd_image_transform(resolution: int = SD_RESOLUTION) -> transforms.Compose:
 
 @dataclass
 class StableDiffusion:
-    """The parts of SD 1.x that score a caption–image pair (the frozen ones; no sampler needed)."""
+    """The parts of SD 1.x or 2.x-base that score a caption–image pair (the frozen ones; no sampler needed)."""
     vae: torch.nn.Module
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: Tokenizer
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "StableDiffusion":
-        path = Path(path)
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "StableDiffusion":
+        path = hub_path(path)  # a hub id: its snapshot in the local Hugging Face cache
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x folder in diffusers layout — {DOWNLOAD_HINT}")
+            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x folder in diffusers "
+                                    f"layout — {DOWNLOAD_HINT}")
         missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
         if missing:
-            raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion folder — {DOWNLOAD_HINT}")
-        return cls(vae=load_vae(path / "vae", device), unet=load_unet(path / "unet", device),
-                   text_encoder=load_clip(path / "text_encoder", device), tokenizer=Tokenizer.from_pretrained(path / "tokenizer"))
+            raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion "
+                                    f"folder — {DOWNLOAD_HINT}")
+        check_scheduler(path)  # an ε-prediction model with SD's noise schedule
+        return cls(vae=load_vae(path / "vae", device, dtype), unet=load_unet(path / "unet", device, dtype),
+                   text_encoder=load_clip(path / "text_encoder", device, dtype),
+                   tokenizer=Tokenizer.from_pretrained(path / "tokenizer"))
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Captions → (B, 77, 768) conditioning: the last hidden state, padded with EOT as in SD's training."""
-        ids = self.tokenizer(captions, pad_token_id=self.tokenizer.eot_id)
-        return self.text_encoder.text_model(ids.to(next(self.text_encoder.parameters()).device))
+    @property
+    def resolution(self) -> int:
+        """The image side the model was trained at: latent side × the VAE's factor (64 × 8 = 512 for SD 1.x)."""
+        return self.unet.config.sample_size * self.vae.downsampling_factor
 
 
 @torch.no_grad()
 def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Example], timesteps: torch.Tensor,
-                     seed: int = 0, batch_size: int = 8, resolution: int = SD_RESOLUTION, unconditional: bool = False,
-                     device: str | torch.device = "cpu", workers: int = 0) -> torch.Tensor:
+                     seed: int = 0, batch_size: int = 8, resolution: int | None = None, unconditional: bool = False,
+                     device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
     """(N, C, 2, T) denoising errors ‖ε_θ(z_t, t, c) − ε‖² of caption c (C = 2, or 3 with the empty
-    prompt last when `unconditional`) on image i at timestep timesteps[k].
+    prompt last when `unconditional`) on image i at timestep timesteps[k]; images at `resolution`
+    pixels a side (default: the model's own, sd.resolution).
 
     Noise: a CPU generator seeded with `seed` draws, example after example in order, one
     (T, 4, h, w) tensor; ε for timestep k is its k-th slice, shared by the pairs of the example,
     so that the pairs differ only in caption and image (a paired comparison, much less noisy).
-    The C × 2 × T UNet calls of an example run batch_size at a time."""
+    The C × 2 × T UNet calls of an example run batch_size at a time, under bfloat16 autocast with
+    precision "bf16" (load `sd` in bfloat16 too: StableDiffusion.from_pretrained(..., dtype=torch.bfloat16))."""
     device = torch.device(device)
     schedule = NoiseSchedule()  # SD 1.x's training schedule
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    pairs = ImagePairs(data, examples, sd_image_transform(resolution))
+    resolution = resolution or sd.resolution
+    pairs = ImagePairs(data, examples, sd_image_transform(resolution), resolution)
     loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers)  # one example at a time
     generator = torch.Generator().manual_seed(seed)
     timesteps = timesteps.to(device)
     errors = []
-    with autocast:
-        empty = sd.encode_text([""]) if unconditional else None  # (1, 77, 768)
+    with autocast(device, precision):
+        empty = encode_prompt(sd.text_encoder, sd.tokenizer, [""]) if unconditional else None  # (1, 77, 768)
         for example, pixels in tqdm(zip(examples, loader), total=len(examples), desc="diffusion score", unit="example"):
-            latents = sd.vae.images_to_latents(pixels.to(device))  # (2, 4, R/8, R/8): the posterior mean × scaling factor
-            context = sd.encode_text([example.caption_0, example.caption_1])  # (2, 77, 768)
+            latents = sd.vae.images_to_latents(pixels.to(device))  # (2, 4, R/8, R/8): posterior mean × scaling factor
+            captions = [example.caption_0, example.caption_1]
+            context = encode_prompt(sd.text_encoder, sd.tokenizer, captions)  # (2, 77, 768)
             if empty is not None:
                 context = torch.cat([context, empty])  # (3, 77, 768)
             noise = torch.randn((len(timesteps), *latents.shape[1:]), generator=generator).to(device)  # (T, 4, h, w)
@@ -364,11 +395,13 @@ def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Examp
 # ----------------------------------------------------------------------------- results
 
 
-def score_examples(examples: list[Example], scores: torch.Tensor, image_scores: torch.Tensor | None = None) -> list[dict]:
+def score_examples(examples: list[Example], scores: torch.Tensor,
+                   image_scores: torch.Tensor | None = None) -> list[dict]:
     """One record per example: its tags, the 2×2 matrix s[c][i] and the three credits. With
     `image_scores` (the normalised diffusion score) the image credit is judged on those instead."""
     records = []
-    for example, s, s_image in zip(examples, scores.tolist(), (image_scores if image_scores is not None else scores).tolist()):
+    judged_on = image_scores if image_scores is not None else scores
+    for example, s, s_image in zip(examples, scores.tolist(), judged_on.tolist()):
         text, image = text_correct(s), image_correct(s_image)
         record = {"id": example.id, "tag": example.tag, "secondary_tag": example.secondary_tag,
                   "num_main_preds": example.num_main_preds, "collapsed_tag": example.collapsed_tag, "scores": s}
@@ -408,33 +441,73 @@ def format_table(summary: dict, title: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--clip", nargs="?", const=DEFAULT_CLIP, help=f"CLIP checkpoint folder or .safetensors (alone: {DEFAULT_CLIP}; the default when neither is given)")
-    model.add_argument("--sd", nargs="?", const=DEFAULT_SD, help=f"Stable Diffusion 1.x diffusers folder (alone: {DEFAULT_SD})")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="facebook/winoground copy: folder (or its data/) with examples.jsonl + images/ or images.zip, or parquet")
-    parser.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); default: the checkpoint's folder")
+    # const="": given alone, the flag means the default model (the toy world's with --toy).
+    model.add_argument("--clip", nargs="?", const="",
+                       help=f"CLIP checkpoint folder or .safetensors (alone: {DEFAULT_CLIP}; the default when "
+                            f"neither is given)")
+    model.add_argument("--sd", nargs="?", const="", help=f"Stable Diffusion 1.x or 2.x-base diffusers folder or hub id (alone: {DEFAULT_SD})")
+    parser.add_argument("--toy", action="store_true",
+                        help=f"the toy world of weights/toyworld.py: --data defaults to {TOY_DATA}, a bare --clip "
+                             f"means {TOY_CLIP} (also the default model), a bare --sd {TOY_SD}")
+    parser.add_argument("--data", help=f"facebook/winoground copy: folder (or its data/) with examples.jsonl + "
+                                       f"images/ or images.zip, or parquet (default: {DEFAULT_DATA})")
+    parser.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); default: the "
+                                            "checkpoint's folder")
     parser.add_argument("--out", help="write settings, totals and per-example scores to this JSON file")
     parser.add_argument("--limit", type=int, help="score only the first N examples (quick runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); SD: UNet inputs per batch (default 8; more on a GPU)")
-    parser.add_argument("--workers", type=int, help="processes that decode and resize images (default: 4 with CUDA, 0 on a CPU, whose cores the model already uses)")
-    parser.add_argument("--timesteps", type=int, default=20, help="SD: number of timesteps t_k = ⌊(k+½)·1000/N⌋ (20 → 25, 75, …, 975)")
+    parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); SD: UNet inputs "
+                                                       "per batch (default 8; more on a GPU)")
+    parser.add_argument("--workers", type=int, help="processes that decode and resize images (default: 4 with "
+                                                    "CUDA, 0 on a CPU, whose cores the model already uses)")
+    parser.add_argument("--timesteps", type=int, default=20,
+                        help="SD: number of timesteps t_k = ⌊(k+½)·1000/N⌋ (20 → 25, 75, …, 975)")
     parser.add_argument("--seed", type=int, default=0, help="SD: seed of the noise")
-    parser.add_argument("--resolution", type=int, default=SD_RESOLUTION, help="SD: image side in pixels before the VAE")
-    parser.add_argument("--normalize_image_score", action="store_true", help="SD: judge images on the error minus the empty-prompt error (DiffusionITM)")
+    parser.add_argument("--resolution", type=int, help="SD: image side in pixels before the VAE (default: the "
+                                                       "model's own, UNet sample_size × VAE factor: 512 for SD 1.x)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="bf16: bfloat16 autocast (SD held in bfloat16); fp32: float32 throughout (default: bf16 "
+                             "for --sd on CUDA, else fp32: CLIP's 800 images take seconds in float32)")
+    parser.add_argument("--normalize_image_score", action="store_true",
+                        help="SD: judge images on the error minus the empty-prompt error (DiffusionITM)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be a positive number of examples")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be positive")
+    if args.resolution is not None and args.resolution < 1:
+        parser.error("--resolution must be a positive number of pixels")
     if args.workers is None:
         args.workers = 4 if torch.device(args.device).type == "cuda" else 0
     if args.workers < 0:
         parser.error("--workers must be 0 or more")
+    # Paths the user did not spell out: the toy world's with --toy, else the real models and data.
+    if args.data is None:
+        args.data = TOY_DATA if args.toy else DEFAULT_DATA
+    if args.clip == "" or (args.toy and args.clip is None and args.sd is None):
+        args.clip = TOY_CLIP if args.toy else DEFAULT_CLIP
+    if args.sd == "":
+        args.sd = TOY_SD if args.toy else DEFAULT_SD
+    if args.precision is None:  # as before --precision existed: the diffusion score in bf16 on CUDA
+        args.precision = "bf16" if args.sd is not None and torch.device(args.device).type == "cuda" else "fp32"
     return args
+
+
+def check_finite(values: torch.Tensor, examples: list[Example], model: str) -> None:
+    """Scores are compared with >, and every comparison with a NaN is false: NaN scores would read as
+    0 % everywhere rather than as the broken model they come from."""
+    bad = [e.id for e, v in zip(examples, values) if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{model} gives NaN or infinite scores for {len(bad)} of {len(examples)} examples (ids "
+                         f"{', '.join(map(str, bad[:10]))}); its weights are damaged, or overflow in this precision "
+                         f"— check the checkpoint, or pass --precision fp32")
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Score Winoground as the command line asks; returns the results.json content."""
+    if args.toy and not Path(TOY_DIR).is_dir():
+        raise FileNotFoundError(f"{TOY_DIR} not found: the toy world is not built yet — run "
+                                f"`python weights/toyworld.py`")
     if args.clip is None and args.sd is None:
         if not Path(DEFAULT_CLIP).exists():
             raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — {DOWNLOAD_HINT}, "
@@ -442,33 +515,40 @@ def evaluate(args: argparse.Namespace) -> dict:
         args.clip = DEFAULT_CLIP
     data = Winoground(args.data)
     examples = data.examples[: args.limit]
-    settings = {"data": str(args.data), "examples": len(examples), "device": args.device, "torch": torch.__version__}
+    settings = {"data": str(args.data), "examples": len(examples), "device": args.device, "precision": args.precision,
+                "torch": torch.__version__}
     if args.clip is not None:
-        clip_path = Path(args.clip)
+        clip_path = hub_path(args.clip)  # a hub id: its snapshot in the local Hugging Face cache
         model = load_clip(clip_path, args.device)
         if model.vision_model is None:
             raise ValueError(f"{clip_path} holds a text tower only (Stable Diffusion's text_encoder?); "
                              f"scoring images needs a full CLIP checkpoint")
-        tokenizer_path = Path(args.tokenizer) if args.tokenizer else (clip_path if clip_path.is_dir() else clip_path.parent)
+        beside = clip_path if clip_path.is_dir() else clip_path.parent
+        tokenizer_path = Path(args.tokenizer) if args.tokenizer else beside
         try:
             tokenizer = Tokenizer.from_pretrained(tokenizer_path)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was fine-tuned from") from None
+            raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was fine-tuned "
+                                    f"from") from None
         batch_size = args.batch_size or 32
-        settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path), "batch_size": batch_size,
-                     "score": "cosine similarity of the caption and image embeddings"}
-        records = score_examples(examples, clip_scores(model, tokenizer, data, examples, batch_size, args.device, args.workers))
+        settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path),
+                     "batch_size": batch_size, "score": "cosine similarity of the caption and image embeddings"}
+        scores = clip_scores(model, tokenizer, data, examples, batch_size, args.device, args.workers, args.precision)
+        check_finite(scores, examples, f"CLIP {clip_path}")
+        records = score_examples(examples, scores)
         title = f"Winoground, CLIP {clip_path}"
     else:
         timesteps = timestep_grid(args.timesteps)
-        sd = StableDiffusion.from_pretrained(args.sd, args.device)
-        batch_size = args.batch_size or 8
+        sd = StableDiffusion.from_pretrained(args.sd, args.device,
+                                             torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        batch_size, resolution = args.batch_size or 8, args.resolution or sd.resolution
         settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(), "seed": args.seed,
-                     "resolution": args.resolution, "batch_size": batch_size, "normalize_image_score": args.normalize_image_score,
-                     "autocast": "bfloat16" if torch.device(args.device).type == "cuda" else "none (float32)",
+                     "resolution": resolution, "batch_size": batch_size,
+                     "normalize_image_score": args.normalize_image_score,
                      "score": "minus the mean over timesteps of the denoising error ‖ε_θ(z_t, t, c) − ε‖²"}
-        errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, args.resolution,
-                                  args.normalize_image_score, args.device, args.workers)  # (N, C, 2, T)
+        errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, resolution,
+                                  args.normalize_image_score, args.device, args.workers, args.precision)  # (N, C, 2, T)
+        check_finite(errors, examples, f"Stable Diffusion {args.sd}")
         scores = -errors[:, :2].mean(dim=-1)  # (N, 2, 2): s[c][i] = −E_t error
         image_scores = -(errors[:, :2] - errors[:, 2:]).mean(dim=-1) if args.normalize_image_score else None
         records = score_examples(examples, scores, image_scores)

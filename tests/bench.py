@@ -157,7 +157,8 @@ def bench_eval() -> None:
         ours = load_clip(tmp / "clip")
         (tmp / "clip" / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
         merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
-        (tmp / "clip" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+        (tmp / "clip" / "merges.txt").write_text(merges_text, encoding="utf-8")
         ref_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp / "clip")
         processor = transformers.CLIPImageProcessor()
         (tmp / "data" / "images").mkdir(parents=True)
@@ -170,7 +171,8 @@ def bench_eval() -> None:
                 Image.fromarray(rgb.astype(np.uint8)).save(tmp / "data" / "images" / f"ex_{k}_img_{j}.png")
             lines.append(json.dumps({"id": k, "image_0": f"ex_{k}_img_0", "image_1": f"ex_{k}_img_1",
                                      "caption_0": f"{k} dogs chasing a cat", "caption_1": f"a cat chasing {k} dogs",
-                                     "tag": "Noun", "secondary_tag": "", "num_main_preds": 1, "collapsed_tag": "Object"}))
+                                     "tag": "Noun", "secondary_tag": "", "num_main_preds": 1,
+                                     "collapsed_tag": "Object"}))
         (tmp / "data" / "examples.jsonl").write_text("\n".join(lines) + "\n")
         data = ew.Winoground(tmp / "data")
 
@@ -183,16 +185,22 @@ def bench_eval() -> None:
             captions = [c for e in data.examples for c in (e.caption_0, e.caption_1)]
             pixels = processor(images=images, return_tensors="pt").pixel_values
             ids = ref_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
-            img = torch.nn.functional.normalize(ref.get_image_features(pixel_values=pixels), dim=-1).view(num_examples, 2, -1)
-            txt = torch.nn.functional.normalize(ref.get_text_features(input_ids=ids), dim=-1).view(num_examples, 2, -1)
+            img = torch.nn.functional.normalize(ref.get_image_features(pixel_values=pixels), dim=-1)
+            txt = torch.nn.functional.normalize(ref.get_text_features(input_ids=ids), dim=-1)
+            img, txt = img.view(num_examples, 2, -1), txt.view(num_examples, 2, -1)  # (examples, 2, D)
             return torch.einsum("bcd,bid->bci", txt, img)
 
         diff = (ours_fn() - ref_fn()).abs().max().item()
         ours_s, ref_s = median_time(ours_fn, repeat=3), median_time(ref_fn, repeat=3)
-        report(f"eval winoground CLIP B/32, {num_examples} examples", ours_s, ref_s, peak_memory_mib(ours_fn), peak_memory_mib(ref_fn))
-        workers_s = median_time(lambda: ew.clip_scores(ours, tokenizer, data, data.examples, num_examples, workers=2), repeat=3)
+        report(f"eval winoground CLIP B/32, {num_examples} examples", ours_s, ref_s, peak_memory_mib(ours_fn),
+               peak_memory_mib(ref_fn))
+        def with_workers():
+            return ew.clip_scores(ours, tokenizer, data, data.examples, num_examples, workers=2)
+
+        workers_s = median_time(with_workers, repeat=3)
         print(f"{'':<44} examples/s ours {num_examples / ours_s:6.1f}  ref {num_examples / ref_s:6.1f}  "
-              f"ours with 2 image workers {num_examples / workers_s:6.1f}  (max |Δ| of the 2×2 scores {diff:.1e})", flush=True)
+              f"ours with 2 image workers {num_examples / workers_s:6.1f}  (max |Δ| of the 2×2 scores {diff:.1e})",
+              flush=True)
 
 
 def bench_unet() -> None:
@@ -230,37 +238,35 @@ def bench_train() -> None:
     trained) + h_w + the SD 1.x UNet (frozen), random weights built from the configs; sds_mode
     "full" (backward through the UNet) vs "stopgrad" (UNet under no_grad). Peak memory is what the
     step adds above the resident models."""
-    import torch.nn.functional as F
-
     from clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-    from sds import Mapper, NoiseSchedule, contrastive_loss
-    from train import SDSCLIP, freeze_all_but_layernorms
+    from sds import Mapper
+    from train import SDSCLIPLoss, freeze_all_but_layernorms
     from unet import UNet, UNetConfig
 
     clip = CLIP(CLIPConfig(text=TextConfig(), vision=VisionConfig()))  # the defaults are ViT-B/32
     unet = UNet(UNetConfig()).to(memory_format=torch.channels_last).eval().requires_grad_(False)  # as load_unet
     freeze_all_but_layernorms(clip, image_only=False)
-    model = SDSCLIP(clip, Mapper.for_unet(clip.config.projection_dim, unet))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
-    schedule, batch = NoiseSchedule(), 2
+    mapper, batch = Mapper.for_unet(clip.config.projection_dim, unet), 2
+    objectives = {mode: SDSCLIPLoss(clip, mapper, 0.001, mode) for mode in ("full", "stopgrad")}  # λ = 0.001
+    optimizer = torch.optim.AdamW([p for p in objectives["full"].parameters() if p.requires_grad], lr=5e-5)
     pixels, ids = torch.randn(batch, 3, 224, 224), torch.randint(0, 49406, (batch, 77))
     context, t, noise = torch.randn(batch, 77, 768), torch.tensor([250, 750]), torch.randn(batch, 4, 64, 64)
 
     def step(mode: str) -> None:
-        image, text, l_sds = model(pixels, ids, unet, schedule, context, t, noise, mode)
-        logits = clip.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
-        (contrastive_loss(logits) + 0.001 * l_sds).backward()  # L = L_CLIP + λ·L_SDS
+        loss, _, _ = objectives[mode](pixels, ids, context, t, noise, unet)  # L = L_CLIP + λ·L_SDS
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     # Memory first, the smaller step first: freed memory stays resident (the allocator keeps it), so
     # a step measured after a bigger one would show ~0 MiB. The memory runs are the warm-up runs.
     memory = {mode: peak_memory_mib(lambda: step(mode)) for mode in ("stopgrad", "full")}
-    results = {mode: (median_time(lambda: step(mode), repeat=2, warmup=0), memory[mode]) for mode in ("full", "stopgrad")}
+    results = {mode: (median_time(lambda: step(mode), repeat=2, warmup=0), memory[mode])
+               for mode in ("full", "stopgrad")}
     for mode, (seconds, mib) in results.items():
-        print(f"train step ViT-B/32 + SD1.x UNet, batch 2, fp32, {mode:<8} time {seconds:7.2f} s  peak mem {mib:8.1f} MiB  "
-              f"(× {seconds / results['stopgrad'][0]:.2f} time, × {mib / results['stopgrad'][1]:.2f} memory of stopgrad)",
-              flush=True)
+        print(f"train step ViT-B/32 + SD1.x UNet, batch 2, fp32, {mode:<8} time {seconds:7.2f} s  "
+              f"peak mem {mib:8.1f} MiB  (× {seconds / results['stopgrad'][0]:.2f} time, "
+              f"× {mib / results['stopgrad'][1]:.2f} memory of stopgrad)", flush=True)
 
 
 # --- end of sections ---

@@ -4,6 +4,8 @@ Winoground-format folder and tiny random checkpoints written here."""
 
 import gzip
 import json
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,7 +23,8 @@ import eval_winoground as ew
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-FIELDS = ["id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag", "num_main_preds", "collapsed_tag"]
+FIELDS = ["id", "image_0", "image_1", "caption_0", "caption_1", "tag", "secondary_tag", "num_main_preds",
+          "collapsed_tag"]
 
 # (caption_0, caption_1, tag, secondary_tag, num_main_preds, collapsed_tag), in the style of the real set.
 CAPTIONS = [
@@ -30,7 +33,8 @@ CAPTIONS = [
     ("the person with the ponytail packs stuff and other buys it",
      "the person with the ponytail buys stuff and other packs it", "Verb", "", 2, "Relation"),
     ("a bird eats a snake", "a snake eats a bird", "Noun", "", 1, "Object"),
-    ("the red book is on top of the blue book", "the blue book is on top of the red book", "Adjective-Color", "", 1, "Both"),
+    ("the red book is on top of the blue book", "the blue book is on top of the red book", "Adjective-Color", "", 1,
+     "Both"),
 ]
 # (width, height), mode per image. The sizes give even centre-crop margins at 32 and 16 pixels,
 # where transformers' crop offset (⌊m/2⌋) equals torchvision's (round(m/2)); see test_clip.py.
@@ -91,7 +95,8 @@ def write_tokenizer(folder: Path) -> None:
     byte_tokens = list(transformers.models.clip.tokenization_clip.bytes_to_unicode().values())
     vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    vocab_json = json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    (folder / "vocab.json").write_text(vocab_json, encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
@@ -116,6 +121,33 @@ METRIC_CASES = [
 @pytest.mark.parametrize("s, text, image, group", METRIC_CASES)
 def test_metrics_hand_worked(s, text, image, group):
     assert (ew.text_correct(s), ew.image_correct(s), ew.group_correct(s)) == (text, image, group)
+    assert (ew.text_correct(torch.tensor(s)), ew.image_correct(torch.tensor(s))) == (text, image)
+
+
+# One case per comparison of the two metrics: only that comparison ties, the other comparison of
+# the same metric holds strictly, so the credit fails because of the tie alone (a `>` written `>=`
+# would give it). Each comparison appears twice: once with the other metric's credit holding and
+# once with it failing, which also checks that the tie does not leak into the other metric.
+#   text ⇔ s00 > s10 and s11 > s01;  image ⇔ s00 > s01 and s11 > s10
+TIE_CASES = [
+    # text, first comparison s00 > s10 tied; s11 > s01 holds
+    ([[0.5, 0.2], [0.5, 0.6]], False, True),  # image: .5 > .2 and .6 > .5
+    ([[0.5, 0.2], [0.5, 0.4]], False, False),  # image: .5 > .2 but .4 > .5 fails
+    # text, second comparison s11 > s01 tied; s00 > s10 holds
+    ([[0.5, 0.4], [0.3, 0.4]], False, True),  # image: .5 > .4 and .4 > .3
+    ([[0.5, 0.6], [0.3, 0.6]], False, False),  # image: .5 > .6 fails
+    # image, first comparison s00 > s01 tied; s11 > s10 holds
+    ([[0.5, 0.5], [0.2, 0.6]], True, False),  # text: .5 > .2 and .6 > .5
+    ([[0.5, 0.5], [0.2, 0.4]], False, False),  # text: .5 > .2 but .4 > .5 fails
+    # image, second comparison s11 > s10 tied; s00 > s01 holds
+    ([[0.5, 0.3], [0.4, 0.4]], True, False),  # text: .5 > .4 and .4 > .3
+    ([[0.5, 0.3], [0.6, 0.6]], False, False),  # text: .5 > .6 fails
+]
+
+
+@pytest.mark.parametrize("s, text, image", TIE_CASES)
+def test_a_single_tie_fails_the_credit(s, text, image):
+    assert (ew.text_correct(s), ew.image_correct(s), ew.group_correct(s)) == (text, image, False)
     assert (ew.text_correct(torch.tensor(s)), ew.image_correct(torch.tensor(s))) == (text, image)
 
 
@@ -201,7 +233,8 @@ def test_parquet_without_pyarrow_says_so(tmp_path):
     code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
             "import eval_winoground as ew\n"
             "try:\n    ew.Winoground(sys.argv[1])\nexcept ImportError as err:\n    print('ImportError:', err)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         check=True)
     assert "ImportError:" in out.stdout and "needs pyarrow (`pip install pyarrow`)" in out.stdout
     assert "test-00000-of-00001.parquet" in out.stdout
 
@@ -217,7 +250,8 @@ def test_missing_folder_and_examples_file(tmp_path):
 def test_missing_images(tmp_path):
     folder = write_winoground(tmp_path / "a", "images")
     (folder / "images" / "ex_3_img_1.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) of .*examples.jsonl not found in .*images: ex_3_img_1.png$"):
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) of .*examples.jsonl not found in .*images: "
+                                                r"ex_3_img_1.png$"):
         ew.Winoground(folder)
     folder = write_winoground(tmp_path / "b", "zip")
     with zipfile.ZipFile(folder / "images.zip") as archive, zipfile.ZipFile(folder / "smaller.zip", "w") as smaller:
@@ -257,6 +291,35 @@ def test_unreadable_image(tmp_path):
     data = ew.Winoground(folder)
     with pytest.raises(ValueError, match="ex_2_img_0.png is not a readable image"):
         data.images(data[2])
+
+
+def test_examples_file_that_is_not_utf8_names_the_file(tmp_path):
+    folder = write_winoground(tmp_path, "images")
+    (folder / "examples.jsonl").write_bytes((folder / "examples.jsonl").read_bytes().replace(b"mug", b"m\xfcg"))
+    with pytest.raises(ValueError, match=r"examples.jsonl is not UTF-8 text \(byte \d+ cannot be decoded: "
+                                         r"invalid start byte\); download the dataset again"):
+        ew.Winoground(folder)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../secret", "ex_0/../../secret", "..\\secret", "C:\\secret.png",
+                                  "\\\\server\\share\\x.png"])
+def test_image_names_outside_the_images_folder_are_refused(tmp_path, name):
+    (tmp_path / "secret.png").write_bytes(b"")
+    lines = [json.dumps(r | ({"image_1": name} if r["id"] == 2 else {})) for r in records()]
+    folder = write_winoground(tmp_path / "data", "images", lines)
+    with pytest.raises(ValueError, match=rf"examples.jsonl line 3: image_1 {re.escape(repr(name))} is an absolute "
+                                         r"path or goes up with '..'"):
+        ew.Winoground(folder)
+
+
+def test_images_too_large_to_decode_are_one_sentence(tmp_path, monkeypatch):
+    """A decompression bomb: PIL refuses images above twice its MAX_IMAGE_PIXELS with an error that
+    is not an OSError; made small here so that a small image is one."""
+    data = ew.Winoground(write_winoground(tmp_path, "zip"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the images have 900 to 4900 pixels
+    with pytest.raises(ValueError, match=r"images.zip:images/ex_1_img_0.png is too large to decode safely \(.*\), "
+                                         r"so it is treated as unreadable; download the dataset again"):
+        data.images(data[1])
 
 
 # ----------------------------------------------------------------------------- CLIP score
@@ -310,7 +373,8 @@ def test_clip_scores_match_transformers(parity, tmp_path, clip_folder, batch_siz
     tokenizer = Tokenizer.from_pretrained(clip_folder)
     ours = ew.clip_scores(load_clip(clip_folder), tokenizer, data, data.examples, batch_size, workers=workers)
     ref = reference_clip_scores(clip_folder, data)
-    parity(f"winoground CLIP 2x2 cosine scores, small config, batch {batch_size}, {workers} workers", ours, ref, atol=1e-4)
+    parity(f"winoground CLIP 2x2 cosine scores, small config, batch {batch_size}, {workers} workers", ours, ref,
+           atol=1e-4)
     assert ours[:, 0, 0].std() > 1e-3  # the scores differ between examples: nothing constant was compared
     rows, ref_rows = ew.score_examples(data.examples, ours), ew.score_examples(data.examples, ref)
     assert [(r["text"], r["image"]) for r in rows] == [(r["text"], r["image"]) for r in ref_rows]
@@ -338,7 +402,8 @@ def sd_folder(tmp_path_factory) -> Path:
             p.add_(0.05 * torch.randn_like(p))
     unet.save_pretrained(folder / "unet")
     diffusers.AutoencoderKL(
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=SD_RESOLUTION,
     ).save_pretrained(folder / "vae")
     transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -358,13 +423,16 @@ def reference_diffusion_errors(folder: Path, data, example, timesteps: list[int]
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval()
     text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")  # pads with <|endoftext|>, as SD's
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    processor = transformers.CLIPImageProcessor(size={"shortest_edge": SD_RESOLUTION}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear")
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": SD_RESOLUTION}, image_mean=[0.5] * 3,
+                                                image_std=[0.5] * 3,
                                                 crop_size={"height": SD_RESOLUTION, "width": SD_RESOLUTION})
     with torch.no_grad():
-        pixels = processor(images=list(data.images(example)), return_tensors="pt").pixel_values  # (2, 3, R, R) in [-1, 1]
+        pixels = processor(images=list(data.images(example)), return_tensors="pt").pixel_values  # (2, 3, R, R)
         latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        ids = tokenizer([example.caption_0, example.caption_1, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids = tokenizer([example.caption_0, example.caption_1, ""], padding="max_length", max_length=77,
+                        return_tensors="pt").input_ids
         context = text_encoder(ids).last_hidden_state
         triples = [(c, i, k) for c in range(3) for i in range(2) for k in range(len(timesteps))]
         t = torch.tensor([timesteps[k] for _, _, k in triples])
@@ -386,8 +454,10 @@ def test_diffusion_score_matches_diffusers(parity, winoground, sd_folder):
     for n in range(2):
         ref = reference_diffusion_errors(sd_folder, data, data[n], timesteps, noise[n])
         parity(f"winoground diffusion errors, tiny SD, example {n}", ours[n], ref, atol=1e-4)
-        parity(f"winoground diffusion 2x2 score, tiny SD, example {n}", -ours[n, :2].mean(-1), -ref[:2].mean(-1), atol=1e-4)
-    assert (ours[:, 0] - ours[:, 1]).abs().min() > 1e-6  # the two captions give different errors: text conditioning counts
+        parity(f"winoground diffusion 2x2 score, tiny SD, example {n}", -ours[n, :2].mean(-1), -ref[:2].mean(-1),
+               atol=1e-4)
+    # the two captions give different errors: text conditioning counts
+    assert (ours[:, 0] - ours[:, 1]).abs().min() > 1e-6
 
 
 def test_diffusion_score_is_seeded(winoground, sd_folder):
@@ -399,6 +469,84 @@ def test_diffusion_score_is_seeded(winoground, sd_folder):
     assert torch.equal(first, run(0, 4))
     torch.testing.assert_close(first, run(0, 12), rtol=1e-5, atol=1e-6)  # batching changes only the rounding
     assert (first - run(1, 4)).abs().min() > 0  # another seed, other noise, every error differs
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory, sd_folder) -> Path:
+    """A tiny Stable Diffusion 2.x-base: a GELU text encoder whose tokenizer pads with "!" (id 0), a UNet
+    with linear projections, per-block head counts and cross-attention as wide as the text encoder, an
+    ε-prediction scheduler; every part saved by its reference library (the VAE is SD 1.x's, as in SD 2)."""
+    import diffusers
+
+    folder = tmp_path_factory.mktemp("sd2")
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8,
+    )
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu",
+    ))
+    with torch.no_grad():  # every weight away from its init (zero output projections, unit LayerNorms)
+        for p in [*unet.parameters(), *text_encoder.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(folder / "unet")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    shutil.copytree(sd_folder / "vae", folder / "vae")
+    write_tokenizer(folder / "tokenizer")
+    transformers.CLIPTokenizer(folder / "tokenizer" / "vocab.json", folder / "tokenizer" / "merges.txt",
+                               pad_token="!").save_pretrained(folder / "tokenizer")
+    diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            prediction_type="epsilon", skip_prk_steps=True).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_diffusion_score_of_sd2_base_matches_diffusers(parity, winoground, sd2_folder):
+    data = ew.Winoground(winoground)
+    sd = ew.StableDiffusion.from_pretrained(sd2_folder)
+    assert sd.tokenizer.pad_id == 0  # "!", as SD 2.x's tokenizer files say
+    ours = ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=3, batch_size=10,
+                               resolution=SD_RESOLUTION, unconditional=True)  # (2, 3, 2, T)
+    generator = torch.Generator().manual_seed(3)
+    noise = [torch.randn((4, 4, 8, 8), generator=generator) for _ in range(2)]
+    for n in range(2):  # the reference's CLIPTokenizer reads the same files, so it pads with "!" too
+        ref = reference_diffusion_errors(sd2_folder, data, data[n], [125, 375, 625, 875], noise[n])
+        parity(f"winoground diffusion errors, tiny SD 2.x-base, example {n}", ours[n], ref, atol=1e-4)
+    assert (ours[:, 0] - ours[:, 1]).abs().min() > 1e-6
+
+
+def test_v_prediction_models_are_refused(tmp_path, sd2_folder):
+    import diffusers
+
+    folder = tmp_path / "sd2-768"
+    folder.mkdir()
+    for part in ("vae", "unet", "text_encoder", "tokenizer"):
+        (folder / part).symlink_to(sd2_folder / part)
+    diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            prediction_type="v_prediction").save_pretrained(folder / "scheduler")
+    with pytest.raises(ValueError, match=r"scheduler_config.json says prediction_type 'v_prediction'"):
+        ew.StableDiffusion.from_pretrained(folder)
+
+
+def test_hub_ids_resolve_in_the_local_cache(tmp_path, monkeypatch, winoground, clip_folder, sd_folder):
+    """--sd and --clip take a hub id whose snapshot is in the Hugging Face cache (snapshots are links there too)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for repo, target in [("someone/tiny-sd", sd_folder), ("someone/tiny-clip", clip_folder)]:
+        cached = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text("c0ffee")
+        (cached / "snapshots").mkdir()
+        (cached / "snapshots" / "c0ffee").symlink_to(target)
+    sd = ew.StableDiffusion.from_pretrained("someone/tiny-sd")
+    assert sd.unet.config.cross_attention_dim == 32
+    results = ew.evaluate(ew.parse_args(["--clip", "someone/tiny-clip", "--data", str(winoground), "--limit", "2",
+                                         "--device", "cpu"]))
+    assert results["settings"]["model"].endswith("snapshots/c0ffee")
+    with pytest.raises(FileNotFoundError, match=r"someone/absent not found, neither as a path nor as a hub id .*"
+                                                r"huggingface-cli download someone/absent"):
+        ew.StableDiffusion.from_pretrained("someone/absent")
 
 
 def test_sd_folder_errors(tmp_path, sd_folder):
@@ -413,7 +561,8 @@ def test_sd_folder_errors(tmp_path, sd_folder):
 
 
 def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "eval_winoground.py"), *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(REPO / "eval_winoground.py"), *args], cwd=cwd, capture_output=True,
+                          text=True)
 
 
 def test_script_clip_writes_results(tmp_path, winoground, clip_folder):
@@ -461,7 +610,8 @@ def test_script_without_weights_says_how_to_get_them(tmp_path):
     done = run_script(cwd=tmp_path)  # no --clip/--sd and no weights/clip-vit-base-patch32 here
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: no model given and weights/clip-vit-base-patch32 not found — run "
-                                   "`python weights/download.py` (see weights/README.md), or pass --clip PATH or --sd PATH")
+                                   "`python weights/download.py` (see weights/README.md), or pass --clip PATH or "
+                                   "--sd PATH")
 
 
 def test_bad_models_and_tokenizer(tmp_path, winoground, clip_folder, sd_folder):
@@ -475,9 +625,84 @@ def test_bad_models_and_tokenizer(tmp_path, winoground, clip_folder, sd_folder):
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "model.safetensors").write_bytes((clip_folder / "model.safetensors").read_bytes())
     with pytest.raises(FileNotFoundError, match=r"vocab.json not found.*or pass --tokenizer"):
-        evaluate("--clip", str(tmp_path / "bare" / "model.safetensors"))  # a bare file: the tokenizer is looked for beside it
-    results = evaluate("--clip", str(tmp_path / "bare" / "model.safetensors"), "--tokenizer", str(clip_folder), "--limit", "1")
+        evaluate("--clip", str(tmp_path / "bare" / "model.safetensors"))  # the tokenizer is looked for beside it
+    results = evaluate("--clip", str(tmp_path / "bare" / "model.safetensors"), "--tokenizer", str(clip_folder),
+                       "--limit", "1")
     assert results["settings"]["tokenizer"] == str(clip_folder) and results["totals"]["n"] == 1
+
+
+def copy_with(folder: Path, to: Path, edit) -> Path:
+    """A copy of a checkpoint folder whose model.safetensors went through edit(state dict)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, to)
+    state = load_file(to / "model.safetensors")
+    edit(state)
+    save_file(state, to / "model.safetensors")
+    return to
+
+
+def test_non_finite_weights_or_scores_are_errors(tmp_path, winoground, clip_folder):
+    """A NaN in the checkpoint (caught by load_clip), or finite weights whose scores overflow: never
+    the 0.00 / 0.00 / 0.00 that comparisons with NaN give."""
+    nan = copy_with(clip_folder, tmp_path / "nan", lambda s: s["visual_projection.weight"].view(-1)[7].fill_(torch.nan))
+    done = run_script("--clip", str(nan), "--data", str(winoground), "--limit", "2")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (f"error: {nan / 'model.safetensors'} holds NaN or infinite values in "
+                                   f"visual_projection.weight; the file is damaged or was saved from a run that "
+                                   f"diverged — download it again or use an earlier checkpoint")
+    huge = copy_with(clip_folder, tmp_path / "huge", lambda s: s["visual_projection.weight"].fill_(3e38))
+    with pytest.raises(ValueError, match=rf"CLIP {huge} gives NaN or infinite scores for 2 of 2 examples \(ids 0, 1\)"
+                                         r"; its weights are damaged, or overflow in this precision"):
+        ew.evaluate(ew.parse_args(["--clip", str(huge), "--data", str(winoground), "--limit", "2"]))
+
+
+def test_resolution_defaults_to_the_models_own(winoground, sd_folder):
+    """The tiny SD: UNet sample_size 8 × VAE factor 2 = 16 pixels (SD 1.x: 64 × 8 = 512)."""
+    args = ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1", "--timesteps", "1"])
+    assert args.resolution is None
+    results = ew.evaluate(args)
+    assert results["settings"]["resolution"] == 16 == ew.StableDiffusion.from_pretrained(sd_folder).resolution
+    assert ew.evaluate(ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1",
+                                      "--timesteps", "1", "--resolution", "32"]))["settings"]["resolution"] == 32
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory, clip_folder, sd_folder) -> Path:
+    """A folder laid out as weights/toyworld.py leaves it: weights/toy/{clip, sd, data/test, data/val}."""
+    root = tmp_path_factory.mktemp("toy")
+    shutil.copytree(clip_folder, root / "weights/toy/clip")
+    shutil.copytree(sd_folder, root / "weights/toy/sd")
+    for split in ("test", "val"):
+        write_winoground(root / "weights/toy/data" / split)
+    return root
+
+
+@pytest.mark.parametrize("flags, model, data", [
+    (["--toy"], "weights/toy/clip", "weights/toy/data/test"),
+    (["--toy", "--clip"], "weights/toy/clip", "weights/toy/data/test"),
+    (["--toy", "--sd", "--timesteps", "1"], "weights/toy/sd", "weights/toy/data/test"),
+    (["--toy", "--data", "weights/toy/data/val"], "weights/toy/clip", "weights/toy/data/val"),
+    (["--toy", "--clip", "CLIP"], "CLIP", "weights/toy/data/test"),  # an explicit model wins
+])
+def test_toy_flag(toy_world, clip_folder, monkeypatch, flags, model, data):
+    monkeypatch.chdir(toy_world)
+    flags = [str(clip_folder) if flag == "CLIP" else flag for flag in flags]
+    results = ew.evaluate(ew.parse_args([*flags, "--limit", "2"]))
+    settings = results["settings"]
+    model = str(clip_folder) if model == "CLIP" else model
+    assert (settings["model"], settings["data"], settings["examples"]) == (model, data, 2)
+    if "--sd" in flags:
+        assert settings["resolution"] == 16  # the model's own
+
+
+def test_toy_flag_without_the_toy_world_says_how_to_build_it(tmp_path):
+    done = run_script("--toy", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: weights/toy not found: the toy world is not built yet — run "
+                                   "`python weights/toyworld.py`")
+    assert ew.parse_args(["--sd"]).sd == "weights/stable-diffusion-v1-4"  # without --toy, the real defaults
+    assert ew.parse_args([]).data == "weights/winoground" and ew.parse_args(["--clip"]).clip == ew.DEFAULT_CLIP
 
 
 def test_script_unreadable_image_in_a_worker_is_one_line(tmp_path, clip_folder):
@@ -486,8 +711,9 @@ def test_script_unreadable_image_in_a_worker_is_one_line(tmp_path, clip_folder):
         archive.writestr("extra/ex_2_img_0.png", b"not a png")  # listed last, it wins the lookup by file name
     done = run_script("--clip", str(clip_folder), "--data", str(folder), "--workers", "2", cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == (f"error: {folder / 'images.zip'}:extra/ex_2_img_0.png is not a readable "
-                                                    f"image (unknown format or corrupt file); download the dataset again")
+    assert done.stderr.strip().splitlines()[-1] == (f"error: {folder / 'images.zip'}:extra/ex_2_img_0.png is not a "
+                                                    f"readable image (unknown format or corrupt file); download the "
+                                                    f"dataset again")
     assert "Traceback" not in done.stderr
 
 
@@ -505,10 +731,66 @@ def test_train_export_is_accepted(tmp_path, winoground, clip_folder):
         for module in clip.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.mul_(1.1)
-    train.export(train.SDSCLIP(clip, Mapper(32, (4, 8, 8))), argparse.Namespace(out=str(tmp_path / "export"), clip=str(clip_folder)))
+    train.export(train.SDSCLIPLoss(clip, Mapper(32, (4, 8, 8)), 0.001, "full"),
+                 argparse.Namespace(out=str(tmp_path / "export"), clip=str(clip_folder)))
     data = ew.Winoground(winoground)
     tokenizer = Tokenizer.from_pretrained(clip_folder)
     expected = ew.clip_scores(clip, tokenizer, data, data.examples)
-    exported = ew.clip_scores(load_clip(tmp_path / "export"), Tokenizer.from_pretrained(tmp_path / "export"), data, data.examples)
+    exported = ew.clip_scores(load_clip(tmp_path / "export"), Tokenizer.from_pretrained(tmp_path / "export"), data,
+                              data.examples)
     assert torch.equal(exported, expected)
     assert not torch.allclose(expected, ew.clip_scores(load_clip(clip_folder), tokenizer, data, data.examples))
+
+
+# ----------------------------------------------------------------------------- --precision
+
+# bf16 vs fp32 on the small random models above (bfloat16 keeps 8 significant bits, 2^-8 ≈ 4e-3 relative),
+# max |Δ| measured: CLIP cosines 5.6e-3, diffusion errors (≈ 1) 2.9e-3, their 2×2 scores 1.1e-3; ≈ 3.5× margin.
+BF16_CLIP_ATOL = 2e-2
+BF16_DIFFUSION_ATOL = 1e-2
+
+
+def test_clip_scores_bf16_match_fp32(parity, winoground, clip_folder):
+    from clip import Tokenizer, load_clip
+
+    data, model, tokenizer = ew.Winoground(winoground), load_clip(clip_folder), Tokenizer.from_pretrained(clip_folder)
+    fp32 = ew.clip_scores(model, tokenizer, data, data.examples, batch_size=2)
+    bf16 = ew.clip_scores(model, tokenizer, data, data.examples, batch_size=2, precision="bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # autocast took effect
+    parity("winoground CLIP scores, bf16 autocast vs fp32, small config", bf16, fp32, atol=BF16_CLIP_ATOL)
+
+
+def test_diffusion_errors_bf16_match_fp32(parity, winoground, sd_folder):
+    data = ew.Winoground(winoground)
+
+    def errors(precision: str, dtype: torch.dtype) -> torch.Tensor:
+        sd = ew.StableDiffusion.from_pretrained(sd_folder, dtype=dtype)
+        assert {p.dtype for part in (sd.unet, sd.vae, sd.text_encoder) for p in part.parameters()} == {dtype}
+        return ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=7, batch_size=10,
+                                   resolution=SD_RESOLUTION, unconditional=True, precision=precision)
+
+    fp32, bf16 = errors("fp32", torch.float32), errors("bf16", torch.bfloat16)  # (2, 3, 2, T)
+    assert not torch.equal(bf16, fp32)
+    parity("winoground diffusion errors, bf16 (autocast, SD in bf16) vs fp32, tiny SD", bf16, fp32,
+           atol=BF16_DIFFUSION_ATOL)
+    parity("winoground diffusion 2x2 score, bf16 vs fp32, tiny SD", -bf16[:, :2].mean(-1), -fp32[:, :2].mean(-1),
+           atol=BF16_DIFFUSION_ATOL)
+
+
+@pytest.mark.parametrize("flags, device, precision", [
+    (["--clip", "c"], "cpu", "fp32"), (["--sd", "s"], "cpu", "fp32"), (["--sd", "s"], "cuda", "bf16"),
+    (["--clip", "c"], "cuda", "fp32"), (["--clip", "c", "--precision", "bf16"], "cpu", "bf16"),
+    (["--sd", "s", "--precision", "fp32"], "cuda", "fp32")])
+def test_precision_default_and_choice(flags, device, precision):
+    """Without --precision: bf16 for the diffusion score on CUDA, as before the flag existed; fp32 otherwise."""
+    assert ew.parse_args([*flags, "--device", device]).precision == precision
+
+
+def test_precision_is_recorded_and_checked(tmp_path, winoground, clip_folder):
+    out = tmp_path / "clip.json"
+    done = run_script("--clip", str(clip_folder), "--data", str(winoground), "--limit", "2", "--precision", "bf16",
+                      "--device", "cpu", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["settings"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp32, got 'fp16'"):
+        ew.autocast("cpu", "fp16")

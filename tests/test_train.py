@@ -1,11 +1,16 @@
-"""train.py run as a user runs it (a subprocess on the CPU) on tiny models written by
-transformers / diffusers and a tiny COCO-format dataset, all built once per session in tmp.
+"""train.py run as a user runs it (a subprocess on the CPU, or `main` in this process where a
+test needs to break something inside) on tiny models written by transformers / diffusers and a
+tiny COCO-format dataset, all built once per session in tmp.
 
-What is proven: only CLIP's LayerNorms and h_w change; a resumed run (after --max_steps or a
-SIGKILL) is bit-identical to an uninterrupted one; torchrun with 2 processes matches one
+What is proven: only CLIP's LayerNorms and h_w change; t, ε and the captions are functions of
+their seeds alone; a resumed run (after --max_steps or a SIGKILL) is bit-identical to an
+uninterrupted one, and refuses other weights, other captions or other settings but lets the
+learning-rate schedule and clipping change (and logs it); torchrun with 2 processes matches one
 process at the same global batch; the export loads in transformers with the same embeddings as
-our load_clip; bad inputs stop with one sentence naming the file; a NaN loss stops the run and
-leaves the last checkpoint untouched.
+our load_clip; --winoground scores as eval_winoground does and changes no weight; --toy makes the
+toy world the defaults; bad inputs, bad settings and damaged checkpoints stop with one sentence
+naming the file or value; a non-finite loss, gradient or update stops the run, and the checkpoint
+it names holds weights that gave a finite loss.
 """
 
 import json
@@ -25,12 +30,14 @@ import transformers
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DistributedSampler
 
+import train as train_py
 from clip import Tokenizer, image_transform, load_clip
-from sds import Mapper
-from train import CocoCaptions, batches
+from eval_winoground import Winoground, clip_scores, percentages, score_examples
+from sds import Mapper, NoiseSchedule
+from train import CocoCaptions, batches, get_args, main, nonfinite, save_checkpoint, step_generator
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -41,7 +48,10 @@ LATENT_SIZE = 8  # the tiny UNet's sample_size: h_w maps to 4 × 8 × 8
 N_STEPS = 6  # the reference run; 2 steps per epoch, so N/2 = 3 resumes in the middle of an epoch
 COMMON = ["--device", "cpu", "--num_workers", "0", "--batch_size", "4", "--warmup_steps", "2", "--cosine",
           "--save_every", "2", "--log_every", "1", "--seed", "0"]
-LAYERNORM_MARKERS = ("layer_norm", "layrnorm", "layernorm")  # layer_norm1/2, pre_layrnorm (sic), post_layernorm, final_layer_norm
+LAYERNORM_MARKERS = ("layer_norm", "layrnorm", "layernorm")  # layer_norm1/2, pre_layrnorm (sic), post_layernorm, …
+# --precision bf16 vs fp32, the same data, t and ε: relative difference of the logged losses, measured
+# ≤ 4.7e-3 over the 2 steps tested, ≤ 1.0e-2 over 4 steps with seeds 0–2 (the contrastive loss; L_SDS ≤ 5e-4).
+BF16_LOSS_RTOL = 0.02
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -53,7 +63,8 @@ def write_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
     merges = sorted(tok.ranks, key=tok.ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                      encoding="utf-8")
     transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
 
 
@@ -65,28 +76,29 @@ def perturbed(model):
     return model.eval()
 
 
-def tiny_text_config():
-    return dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=4, num_hidden_layers=2)
+def tiny_text_config(width: int = WIDTH):
+    return dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=4, num_hidden_layers=2)
 
 
-def write_clip(folder: Path) -> None:
+def write_clip(folder: Path, width: int = WIDTH) -> None:
     config = transformers.CLIPConfig(
-        text_config=tiny_text_config(), projection_dim=PROJECTION_DIM,
-        vision_config=dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=4, num_hidden_layers=2,
+        text_config=tiny_text_config(width), projection_dim=PROJECTION_DIM,
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=4, num_hidden_layers=2,
                            image_size=IMAGE_SIZE, patch_size=8))
     perturbed(transformers.CLIPModel(config)).save_pretrained(folder)
     write_tokenizer(folder)
 
 
 def write_sd(folder: Path, poison: bool = False) -> None:
-    """unet/, text_encoder/, tokenizer/ in diffusers layout; `poison` puts a NaN in the UNet's output conv."""
+    """unet/, text_encoder/, tokenizer/ in diffusers layout; `poison` puts a weight of 3e38 (finite, so the
+    loader takes it) in the UNet's output conv: ε̂ overflows, and the SDS loss is not finite."""
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=WIDTH, attention_head_dim=2, norm_num_groups=8)
     if poison:
         with torch.no_grad():
-            unet.conv_out.weight[0, 0, 0, 0] = float("nan")
+            unet.conv_out.weight[0, 0, 0, 0] = 3e38
     unet.save_pretrained(folder / "unet")
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_text_config()))
     perturbed(text).save_pretrained(folder / "text_encoder")
@@ -113,7 +125,24 @@ def write_coco(root: Path) -> None:
         for k in range(int(rng.integers(2, 5))):
             annotations.append({"id": len(annotations), "image_id": 1000 + i, "caption": f"{words[(i + k) % 6]} {i}"})
     rng.shuffle(images)  # the file's order is not the dataset's order (that is by image id)
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    captions = json.dumps({"images": images, "annotations": annotations})
+    (root / "annotations" / "captions_train2017.json").write_text(captions)
+
+
+def write_winoground(root: Path, n: int = 4) -> None:
+    """Winoground layout: examples.jsonl and images/ex_<id>_img_<0|1>.png, two tags."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    with open(root / "examples.jsonl", "w") as f:
+        for i in range(n):
+            for j in range(2):
+                pixels = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "images" / f"ex_{i}_img_{j}.png")
+            tag = ("Object", "Relation")[i % 2]
+            f.write(json.dumps({"id": i, "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1",
+                                "caption_0": f"a red cup on two dogs {i}", "caption_1": f"two dogs on a red cup {i}",
+                                "tag": tag, "secondary_tag": "", "num_main_preds": 1 + i % 2,
+                                "collapsed_tag": tag}) + "\n")
 
 
 @pytest.fixture(scope="session")
@@ -126,11 +155,17 @@ def assets(tmp_path_factory):
     return root
 
 
-def train(assets, out: Path, *extra: str, coco=None, sd=None, nproc: int = 0, check: bool = True, **popen):
+def arguments(assets, out: Path, *extra: str, clip=None, coco=None, sd=None) -> list[str]:
+    return ["--clip", str(clip or assets / "clip"), "--sd", str(sd or assets / "sd"),
+            "--coco_root", str(coco or assets / "coco"), "--out", str(out), *COMMON, *extra]
+
+
+def train(assets, out: Path, *extra: str, clip=None, coco=None, sd=None, nproc: int = 0, check: bool = True,
+          **popen):
     """Run train.py as a user does; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    cmd = [*launcher, "train.py", "--clip", str(assets / "clip"), "--sd", str(sd or assets / "sd"),
-           "--coco_root", str(coco or assets / "coco"), "--out", str(out), *COMMON, *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*(launcher if nproc else [sys.executable]), "train.py", *arguments(assets, out, *extra, clip=clip, coco=coco,
+                                                                              sd=sd)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count for every run: bit-identical sums
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -150,7 +185,8 @@ def reference_run(assets):
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(folder / "model.safetensors"), **{f"mapper.{k}": v for k, v in load_file(folder / "mapper.safetensors").items()}}
+    mapper = load_file(folder / "mapper.safetensors")
+    return {**load_file(folder / "model.safetensors"), **{f"mapper.{k}": v for k, v in mapper.items()}}
 
 
 def assert_bit_identical(a: Path, b: Path) -> None:
@@ -163,6 +199,10 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 def checkpoint_step(path: Path) -> int:
     with safe_open(path, "pt") as f:
         return json.loads(f.metadata()["sds_clip"])["step"]
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- data
@@ -182,7 +222,38 @@ def test_dataset_reads_every_image_mode_and_draws_captions(assets):
     assert all(len(set(row)) > 1 for row in drawn)  # drawn afresh each epoch (2-4 captions, 32 epochs)
     assert drawn == [[dataset.caption(i, epoch) for epoch in range(32)] for i in range(len(dataset))]  # seeded
     first = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE), limit_images=5)  # --limit_images
-    assert first.files == dataset.files[:5] and [f.name for f in first.files] == [f"{i:012d}.jpg" for i in range(4)] + ["000000000004.png"]
+    assert first.files == dataset.files[:5]
+    assert [f.name for f in first.files] == [f"{i:012d}.jpg" for i in range(4)] + ["000000000004.png"]
+
+
+def test_caption_draw_is_a_function_of_seed_epoch_and_index(assets):
+    def positions(seed: int) -> list[list[int]]:  # which of its captions each image gets, epochs 0-15
+        data = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE), seed=seed)
+        return [[data.captions[i].index(data.caption(i, epoch)) for epoch in range(16)] for i in range(len(data))]
+
+    drawn, counts = positions(0), [len(c) for c in CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE)).captions]
+    assert drawn == positions(0)  # the same (seed, epoch, index), the same caption
+    assert drawn != positions(1)  # another seed, other draws
+    for n in set(counts):  # images with as many captions draw differently: the index is part of the seed
+        rows = [tuple(row) for row, count in zip(drawn, counts) if count == n]
+        assert len(set(rows)) == len(rows), f"images with {n} captions draw the same sequence"
+
+
+def test_step_generator_is_a_function_of_seed_step_and_micro_batch():
+    def draw(seed: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = step_generator(seed, step, micro)  # as train.py draws: t, then ε
+        return NoiseSchedule().sample_timesteps(32, generator), torch.randn(32, 4, 8, 8, generator=generator)
+
+    pairs = [(0, 0), (1, 0), (0, 1), (5, 0), (1, 1)]  # (step, micro)
+    drawn = {pair: draw(0, *pair) for pair in pairs}
+    for pair in pairs:
+        t, noise = draw(0, *pair)
+        assert torch.equal(t, drawn[pair][0]) and torch.equal(noise, drawn[pair][1])  # equal arguments: equal draws
+        for other in pairs:
+            if other != pair:
+                assert not torch.equal(t, drawn[other][0]) and not torch.equal(noise, drawn[other][1]), (pair, other)
+        t, noise = draw(1, *pair)  # another seed
+        assert not torch.equal(t, drawn[pair][0]) and not torch.equal(noise, drawn[pair][1])
 
 
 def test_data_order_one_pair_per_image_and_split_across_processes(assets):
@@ -249,6 +320,44 @@ def test_image_layernorms_only(assets, tmp_path):
     assert changed == expected
 
 
+# ----------------------------------------------------------------------------- precision
+
+
+def test_precision_bf16_trains_float32_weights(assets, reference_run, tmp_path):
+    """--precision bf16 on the CPU: bfloat16 autocast and SD held in bfloat16, yet the trained parameters,
+    AdamW's moments, the checkpoint and the export are float32."""
+    result = train(assets, tmp_path, "--max_steps", "2", "--precision", "bf16")
+    assert "precision bf16: bfloat16 autocast" in result.stdout
+    records, fp32 = log_records(tmp_path), log_records(reference_run)[:2]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r[key]) for r in records for key in ("loss", "clip_loss", "sds_loss", "grad_norm"))
+    # bfloat16 took effect (the same data, t and ε give other losses than float32), and only as rounding does
+    for r, ref in zip(records, fp32):
+        assert r["sds_loss"] != ref["sds_loss"] and r["sds_loss"] == pytest.approx(ref["sds_loss"], rel=BF16_LOSS_RTOL)
+        assert r["clip_loss"] == pytest.approx(ref["clip_loss"], rel=BF16_LOSS_RTOL)
+    state = load_file(tmp_path / "checkpoint.safetensors")
+    assert any(k.startswith("param.") for k in state) and any(k.endswith(".exp_avg_sq") for k in state)
+    assert {k: v.dtype for k, v in state.items() if v.dtype != torch.float32} == {}
+    for file in ("model.safetensors", "mapper.safetensors"):
+        assert {k: v.dtype for k, v in load_file(tmp_path / file).items() if v.dtype != torch.float32} == {}, file
+
+
+def test_resume_refuses_another_precision(assets, reference_run, tmp_path):
+    shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(SystemExit, match="--precision 'fp32' → 'bf16'"):
+        main(arguments(assets, tmp_path, "--max_steps", str(N_STEPS + 1), "--resume", "--precision", "bf16"))
+    # A checkpoint written before --precision existed ran in its device's default: fp32 on the CPU.
+    path = tmp_path / "checkpoint.safetensors"
+    with safe_open(path, "pt") as f:
+        meta, state = json.loads(f.metadata()["sds_clip"]), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["settings"]["precision"]
+    save_file(state, path, metadata={"sds_clip": json.dumps(meta)})
+    with pytest.raises(SystemExit, match="--precision 'fp32' → 'bf16'"):
+        main(arguments(assets, tmp_path, "--max_steps", str(N_STEPS + 1), "--resume", "--precision", "bf16"))
+    main(arguments(assets, tmp_path, "--max_steps", str(N_STEPS + 1), "--resume"))
+    assert checkpoint_step(path) == N_STEPS + 1
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -284,10 +393,77 @@ def test_resume_after_sigkill_is_bit_identical(assets, reference_run, tmp_path):
 
 def test_resume_refuses_other_settings(assets, reference_run, tmp_path):
     shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
-    result = train(assets, tmp_path, "--max_steps", str(N_STEPS + 1), "--resume", "--lr", "1e-4", check=False)
-    assert result.returncode != 0 and "--lr 5e-05 → 0.0001" in result.stdout
+    result = train(assets, tmp_path, "--max_steps", str(N_STEPS + 1), "--resume", "--sds_weight", "0.01", check=False)
+    assert result.returncode != 0 and "--sds_weight 0.001 → 0.01" in result.stdout
     result = train(assets, tmp_path, "--max_steps", str(N_STEPS + 1), check=False)  # no --resume
     assert result.returncode != 0 and "pass --resume" in result.stdout
+
+
+def test_resume_refuses_other_weights_or_captions(assets, reference_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    torch.manual_seed(1)
+    write_clip(tmp_path / "clip_other")  # the same architecture, other weights
+    write_clip(tmp_path / "clip_wide", width=2 * WIDTH)
+    write_sd(tmp_path / "sd_other")
+    coco = tmp_path / "coco"
+    shutil.copytree(assets / "coco", coco)
+    captions = coco / "annotations" / "captions_train2017.json"
+    captions.write_text(captions.read_text().replace('"two dogs 1"', '"two cats 1"'))  # as many images, one word
+    cases = [({"clip": tmp_path / "clip_other"}, tmp_path / "clip_other" / "model.safetensors"),
+             ({"clip": tmp_path / "clip_wide"}, tmp_path / "clip_wide" / "model.safetensors"),
+             ({"sd": tmp_path / "sd_other"}, tmp_path / "sd_other" / "unet" / "diffusion_pytorch_model.safetensors"),
+             ({"coco": coco}, captions)]
+    for where, file in cases:
+        result = train(assets, out, "--max_steps", str(N_STEPS + 1), "--resume", check=False, **where)
+        assert result.returncode == 1 and "Traceback" not in result.stdout, result.stdout[-2000:]
+        assert f"was trained from {assets}" in result.stdout and f"not from {file} (sha256" in result.stdout
+        assert checkpoint_step(out / "checkpoint.safetensors") == N_STEPS
+    shutil.copytree(assets / "clip", tmp_path / "clip_copy")  # the same files elsewhere: the same run
+    train(assets, out, "--max_steps", str(N_STEPS + 1), "--resume", clip=tmp_path / "clip_copy")
+    assert checkpoint_step(out / "checkpoint.safetensors") == N_STEPS + 1
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "no metadata", "older train.py"])
+def test_damaged_checkpoint_is_refused_in_one_line(assets, reference_run, tmp_path, damage):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    path = out / "checkpoint.safetensors"
+    good = path.read_bytes()
+    if damage == "no metadata":
+        save_file({"x": torch.zeros(2)}, path)
+    elif damage == "older train.py":  # its metadata had no identity
+        with safe_open(path, "pt") as f:
+            meta, state = json.loads(f.metadata()["sds_clip"]), {k: f.get_tensor(k) for k in f.keys()}
+        save_file(state, path, metadata={"sds_clip": json.dumps({k: v for k, v in meta.items() if k != "identity"})})
+    else:
+        path.write_bytes({"empty": b"", "truncated": good[: len(good) // 2],
+                          "random bytes": np.random.default_rng(0).bytes(4096)}[damage])
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume"))
+    message = str(stopped.value)
+    assert "\n" not in message and f"{path} is not a checkpoint this train.py can resume" in message
+    assert "move it away to start afresh there, or pass another --out" in message
+
+
+def test_log_rewrite_on_resume_is_atomic(assets, reference_run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    log = out / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 7, "loss": 2.3')  # a line a killed run left half-written: the resume drops it
+    before = log.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("a crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="a crash before the rename"):
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume"))
+    assert log.read_bytes() == before  # the old log, whole
+    monkeypatch.undo()
+    main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume"))
+    assert [r["step"] for r in log_records(out)] == list(range(1, N_STEPS + 2))
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -333,8 +509,10 @@ def test_export_loads_in_transformers_and_ours(assets, reference_run, parity):
     image = Image.open(next((assets / "coco" / "train2017").glob("*.jpg")))
     pixels = image_transform(IMAGE_SIZE)(image)[None].repeat(2, 1, 1, 1)
     with torch.no_grad():
-        parity("train export: image embeds, transformers vs load_clip", ours.encode_image(pixels), ref.get_image_features(pixel_values=pixels))
-        parity("train export: text embeds, transformers vs load_clip", ours.encode_text(ids), ref.get_text_features(input_ids=ids))
+        parity("train export: image embeds, transformers vs load_clip", ours.encode_image(pixels),
+               ref.get_image_features(pixel_values=pixels))
+        parity("train export: text embeds, transformers vs load_clip", ours.encode_text(ids),
+               ref.get_text_features(input_ids=ids))
     mapper = Mapper(PROJECTION_DIM, (4, LATENT_SIZE, LATENT_SIZE))
     mapper.load_state_dict(load_file(reference_run / "mapper.safetensors"), strict=True)
 
@@ -369,13 +547,133 @@ def test_missing_and_corrupt_images(assets, tmp_path):
     assert str(files[0]) in result.stdout and str(files[1]) in result.stdout
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(assets, reference_run, tmp_path):
-    shutil.copytree(reference_run, tmp_path / "out")
+@pytest.mark.parametrize("setting, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e38"), ("--lr", "-1"),
+                                            ("--lr", "0"), ("--sds_weight", "nan"), ("--grad_clip", "-1"),
+                                            ("--weight_decay", "inf"), ("--batch_size", "0"), ("--seed", "-1")])
+def test_bad_settings_are_one_argparse_line(setting, value, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        get_args([setting, value])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert f": error: {setting} must be" in error and "; got " in error
+
+
+def test_nan_loss_stops_before_any_checkpoint(assets, tmp_path):
     poisoned = tmp_path / "sd"
     write_sd(poisoned, poison=True)
-    checkpoint = tmp_path / "out" / "checkpoint.safetensors"
-    before = checkpoint.read_bytes()
-    result = train(assets, tmp_path / "out", "--max_steps", str(N_STEPS + 2), "--resume", sd=poisoned, check=False)
-    assert result.returncode == 1 and "the loss is nan at step 6" in result.stdout and "Traceback" not in result.stdout
-    assert f"The last good checkpoint, step 6, is kept in {checkpoint}" in result.stdout
-    assert checkpoint.read_bytes() == before
+    result = train(assets, tmp_path / "out", "--save_every", "1", sd=poisoned, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout
+    assert "the loss is inf at step 0" in result.stdout or "the loss is nan at step 0" in result.stdout
+    assert "stopped. No checkpoint was written yet." in result.stdout
+    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+
+
+def test_divergence_keeps_a_good_checkpoint_and_a_resume_may_lower_lr(assets, reference_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    checkpoint = out / "checkpoint.safetensors"
+    good = checkpoint.read_bytes()
+    # lr 1e30: step 6 is finite but moves the weights by ~1e30, and step 7's loss is NaN. Those weights are never
+    # saved: the checkpoint it names is the one it started from.
+    result = train(assets, out, "--max_steps", str(N_STEPS + 4), "--save_every", "1", "--resume", "--lr", "1e30",
+                   check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout
+    assert f"at step {N_STEPS + 1}" in result.stdout and "stopped." in result.stdout
+    assert f"The last good checkpoint, step {N_STEPS}, is kept in {checkpoint}" in result.stdout
+    assert checkpoint.read_bytes() == good
+    # The stop message's advice: resume with a lower --lr and a --grad_clip; log.jsonl says where they changed.
+    train(assets, out, "--max_steps", str(N_STEPS + 2), "--save_every", "1", "--resume", "--lr", "1e-5",
+          "--grad_clip", "1")
+    records = log_records(out)
+    assert [r["step"] for r in records] == [*range(1, N_STEPS + 1), N_STEPS, N_STEPS + 1, N_STEPS + 2]
+    assert records[N_STEPS] == {"step": N_STEPS, "changed": {"lr": [5e-05, 1e-05], "grad_clip": [0.0, 1.0]}}
+    trained = [r for r in records if "loss" in r]
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] < 1e3 for r in trained)
+    assert trained[-1]["lr"] < 1e-5  # the cosine schedule of the new --lr
+    with safe_open(checkpoint, "pt") as f:
+        assert json.loads(f.metadata()["sds_clip"])["settings"]["lr"] == 1e-5
+
+
+@pytest.mark.parametrize("broken", ["param", "exp_avg_sq"])
+def test_update_that_leaves_state_nonfinite_stops_and_is_not_saved(assets, tmp_path, monkeypatch, broken):
+    """An update whose loss and gradient were finite can still leave a weight or an Adam moment
+    non-finite (here planted after the 3rd update): the run stops there and saves none of it."""
+    adamw_step, updates = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        result = adamw_step(self, *args, **kwargs)
+        updates.append(1)
+        if len(updates) == 3:
+            p = self.param_groups[0]["params"][0]
+            (p if broken == "param" else self.state[p]["exp_avg_sq"]).data.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments(assets, out, "--max_steps", str(N_STEPS), "--save_every", "1"))
+    assert "AdamW's update at step 2 left 1 non-finite tensor(s)" in str(stopped.value)
+    assert f"The last good checkpoint, step 2, is kept in {out / 'checkpoint.safetensors'}" in str(stopped.value)
+    assert checkpoint_step(out / "checkpoint.safetensors") == 2
+    assert not nonfinite(load_file(out / "checkpoint.safetensors"))
+
+
+def test_save_checkpoint_refuses_nonfinite_state(tmp_path):
+    state = {"param.w": torch.ones(3), "adamw.w.step": torch.tensor(1.0), "adamw.w.exp_avg_sq": torch.ones(3)}
+    save_checkpoint(tmp_path / "a.safetensors", state, {"step": 1})
+    state["adamw.w.exp_avg_sq"][1] = float("nan")
+    assert nonfinite(state) == ["adamw.w.exp_avg_sq"]
+    with pytest.raises(ValueError, match="adamw.w.exp_avg_sq"):
+        save_checkpoint(tmp_path / "b.safetensors", state, {"step": 2})
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- Winoground, the toy world
+
+
+def winoground_percentages(clip_folder: Path, data: Winoground) -> dict:
+    """eval_winoground's own CLIP scores of a checkpoint: what train.py's log must hold."""
+    model, tokenizer = load_clip(clip_folder), Tokenizer.from_pretrained(clip_folder)
+    return percentages(score_examples(data.examples, clip_scores(model, tokenizer, data, data.examples)))
+
+
+def test_winoground_during_training_scores_and_changes_no_weight(assets, reference_run, tmp_path):
+    wino = tmp_path / "winoground"
+    write_winoground(wino)
+    out = tmp_path / "out"
+    first = train(assets, out, "--max_steps", str(N_STEPS - 1), "--winoground", str(wino))
+    last = train(assets, out, "--max_steps", str(N_STEPS), "--resume", "--winoground", str(wino))
+    assert_bit_identical(out, reference_run)  # the evaluations draw nothing that training uses
+    records = log_records(out)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, N_STEPS + 1))
+    scores = [r for r in records if "winoground" in r]  # before, each epoch's end (2 steps), the last steps
+    assert [(r["step"], r["epoch"]) for r in scores] == [(0, 0), (2, 1), (4, 2), (5, 2.5), (6, 3)]
+    data = Winoground(wino)
+    for record, folder in ((scores[0], assets / "clip"), (scores[-1], reference_run)):
+        expected = winoground_percentages(folder, data)
+        assert {k: record["winoground"][k] for k in expected} == expected
+    assert set(scores[0]["winoground"]["by_tag"]) == {"collapsed_tag=Object", "collapsed_tag=Relation",
+                                                      "num_main_preds=1", "num_main_preds=2"}
+    assert "winoground, step 0 (epoch 0): text" in first.stdout
+    assert "before (step 0)" in last.stdout and "after (step 6)" in last.stdout
+
+
+def test_toy_trains_on_the_toy_world_by_default(monkeypatch, tmp_path):
+    from weights import toyworld
+
+    paths = toyworld.build(tmp_path / "toy", quick=True)
+    monkeypatch.setattr(toyworld, "build", lambda *a, **k: paths)  # --toy builds weights/toy/; here a quick build
+    args = get_args(["--toy"])
+    assert (args.clip, args.sd, args.coco_root, args.winoground, args.out) == (
+        str(paths["clip"]), str(paths["sd"]), str(paths["train"]), str(paths["test"]), train_py.TOY_OUT)
+    assert all(getattr(args, key) == value for key, value in toyworld.TRAIN_DEFAULTS.items())
+    explicit = get_args(["--toy", "--epochs", "7", "--out", str(tmp_path / "o"), "--winoground", "w"])
+    assert (explicit.epochs, explicit.out, explicit.winoground) == (7, str(tmp_path / "o"), "w")  # they win
+    assert get_args([]).clip == "weights/clip-vit-base-patch32"  # without --toy, the paper's defaults
+
+    out = tmp_path / "out"
+    main(["--toy", "--max_steps", "2", "--out", str(out), "--device", "cpu"])
+    records = log_records(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "winoground" in r] == [0, 2]
+    assert load_clip(out).config == load_clip(paths["clip"]).config  # the export of the toy CLIP
