@@ -191,7 +191,7 @@ UNET_CONFIG = UNetConfig(
 CAPTION_DROP = 0.1  # the UNet sees the empty prompt this often, so that it means "any image"
 
 # train.py --toy: the settings of the SDS-CLIP run on this world (README: why they differ from the paper's).
-TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "sds_weight": 1.0, "sds_mode": "full",
+TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "sds_weight": 1.0, "sds_mode": "full",
                   "num_workers": 0, "save_every": 0}
 
 
