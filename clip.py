@@ -6,7 +6,11 @@ OpenAI's model (https://github.com/openai/CLIP) and loads the official Hugging F
 checkpoints as they are: openai/clip-vit-{base-patch32, base-patch16, large-patch14,
 large-patch14-336} (config.json + model.safetensors) and Stable Diffusion 1.x's text encoder
 (text_encoder/, a text tower only, whose last hidden state conditions the UNet). Module
-names are the checkpoint's keys, so the state dict loads with strict=True.
+names are the checkpoint's keys, so the state dict loads with strict=True. It also reads CLIPs in
+open_clip's (and OpenAI's original) key layout from a .safetensors file, such as the LAION
+models' open_clip_model.safetensors, renamed on load by a short rule table (OPEN_CLIP_RULES).
+A model path may also be a hub id (openai/clip-vit-base-patch32) already in the local Hugging
+Face cache (`hub_path`).
 
     model = load_clip("weights/clip-vit-base-patch32")
     tokenizer = Tokenizer.from_pretrained("weights/clip-vit-base-patch32")
@@ -17,6 +21,7 @@ import gzip
 import html
 import json
 import math
+import os
 import types
 import typing
 import warnings
@@ -41,6 +46,15 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 LEGACY_EOS_TOKEN_ID = 2  # older Hugging Face configs carry eos_token_id=2: pool at argmax(ids) instead
 HEAD_DIM = 64  # every released CLIP's attention head width; the head count of a bare file is width // 64
 DOWNLOAD_HINT = "run `python weights/download.py` (see weights/README.md)"
+# open_clip's layout does not record the activation: OpenAI's models use QuickGELU, LAION's mostly GELU
+# (open_clip marks QuickGELU models by a "-quickgelu" model name, or quick_gelu in open_clip_config.json).
+OPEN_CLIP_ACTIVATIONS = {"quick_gelu", "gelu"}
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")  # names on the hub
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+CONVERT_HINT = ("convert it once where open_clip is installed: "
+                "`model = open_clip.create_model(ARCH, pretrained=FILE)`, then "
+                "`safetensors.torch.save_file(model.state_dict(), 'open_clip_model.safetensors')`, and load that file "
+                "(see weights/README.md)")
 # Images that would decode to more pixels than this are refused as unreadable: 40 megapixels take
 # 120 MB as RGB, while a "decompression bomb" (a small file claiming 12000 × 12000 pixels or more)
 # would take gigabytes in every DataLoader worker. COCO's images are at most 640 × 640, Winoground's
@@ -318,6 +332,29 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------- loading and saving
 
 
+HUB_ID = regex.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # organisation/name: one slash, no leading "." or "/"
+
+
+def hub_path(path: str | Path) -> Path:
+    """A model path as given, or, for a hub id such as openai/clip-vit-base-patch32 that is no path here,
+    its snapshot in the local Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub; there models--{org}--{name}/snapshots/<the commit in refs/main>. The
+    network is never used. Here rather than in each script: clip.py is the one module of ours that
+    every script taking a model path imports, and it imports nothing of ours."""
+    if Path(path).exists() or not HUB_ID.fullmatch(str(path)):
+        return Path(path)
+    default_home = Path("~/.cache/huggingface")
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or default_home) / "hub")
+    repo = cache.expanduser() / f"models--{str(path).replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    snapshot = repo / "snapshots" / ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+    if snapshot is not None and snapshot.is_dir():
+        return snapshot
+    raise FileNotFoundError(f"{path} not found, neither as a path nor as a hub id in the local Hugging Face cache "
+                            f"({repo / 'refs' / 'main'} names no snapshot) — download it with `huggingface-cli "
+                            f"download {path}`, or run `python weights/download.py` (see weights/README.md)")
+
+
 def _config_from_shapes(state: dict[str, torch.Tensor], file: Path) -> CLIPConfig:
     """For a bare .safetensors file: read sizes off the tensors, as OpenAI's build_model does.
     Head counts are not stored anywhere; every released CLIP uses 64-dimensional heads."""
@@ -351,6 +388,72 @@ def _config_from_shapes(state: dict[str, torch.Tensor], file: Path) -> CLIPConfi
     return CLIPConfig(text=text, vision=vision, projection_dim=state["visual_projection.weight"].shape[0])
 
 
+# open_clip / OpenAI original keys → ours, applied in order to each key. Besides these renames, three
+# tensors change form (in _from_open_clip): attn.in_proj_{weight,bias} holds q, k and v stacked (split by
+# chunk(3)), and visual.proj and text_projection are (width, dim) matrices that multiply from the right
+# (x @ proj), whereas nn.Linear stores weightᵀ.
+OPEN_CLIP_RULES = [
+    (r"^text\.", ""),  # open_clip's "custom text" models keep the text tower under text.
+    (r"^visual\.transformer\.resblocks\.", "vision_model.encoder.layers."),
+    (r"^transformer\.resblocks\.", "text_model.encoder.layers."),
+    (r"\.ln_(\d)\.", r".layer_norm\1."),  # ln_1, ln_2
+    (r"\.attn\.", ".self_attn."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    (r"^visual\.conv1\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),
+    (r"^visual\.positional_embedding$", "vision_model.embeddings.position_embedding.weight"),
+    (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."),  # sic
+    (r"^visual\.ln_post\.", "vision_model.post_layernorm."),
+    (r"^token_embedding\.", "text_model.embeddings.token_embedding."),
+    (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
+    (r"^ln_final\.", "text_model.final_layer_norm."),
+    (r"^visual\.proj$", "visual_projection.weight"),  # transposed below
+    (r"^text_projection$", "text_projection.weight"),  # transposed below
+]
+OPENAI_EXTRAS = {"input_resolution", "context_length", "vocab_size"}  # OpenAI's pickles carry these ints
+
+
+def _is_open_clip(state: dict[str, torch.Tensor]) -> bool:
+    return "token_embedding.weight" in state or "text.token_embedding.weight" in state
+
+
+def _from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an open_clip / OpenAI state dict to our (Hugging Face) keys with OPEN_CLIP_RULES."""
+    out = {}
+    for key, value in state.items():
+        if key in OPENAI_EXTRAS:
+            continue
+        for pattern, replacement in OPEN_CLIP_RULES:
+            key = regex.sub(pattern, replacement, key)
+        if key in ("visual_projection.weight", "text_projection.weight"):
+            out[key] = value.t().contiguous()  # (width, dim) → (dim, width)
+        elif ".self_attn.in_proj_" in key:  # (3·width, width): q, k, v stacked, as nn.MultiheadAttention keeps them
+            stem, kind = key.split(".self_attn.in_proj_")
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{stem}.self_attn.{name}_proj.{kind}"] = part
+        else:
+            out[key] = value
+    return out
+
+
+def _open_clip_activation(folder: Path) -> str | None:
+    """The activation named by open_clip_config.json beside an open_clip file (the hub's LAION folders
+    have one): open_clip builds QuickGELU exactly when model_cfg.quick_gelu is true. None without the file."""
+    config_file = folder / "open_clip_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        model_cfg = json.loads(config_file.read_text(encoding="utf-8"))["model_cfg"]
+        quick = model_cfg.get("quick_gelu", False)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{config_file} is not a valid open_clip config (no model_cfg object: {err!r}); fix it, "
+                         f"remove it and pass activation=..., or download it again") from None
+    if not isinstance(quick, bool):
+        raise ValueError(f"{config_file}: model_cfg.quick_gelu is {quick!r}, which is not true or false; fix it")
+    return "quick_gelu" if quick else "gelu"
+
+
 def _check_heads(config: CLIPConfig, config_file: Path) -> None:
     """Attention splits the width into equal heads: refuse a config where it cannot, before any forward."""
     for name, tower in [("text_config", config.text), ("vision_config", config.vision)]:
@@ -375,17 +478,31 @@ def _first(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" … ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CLIP:
-    """Load a CLIP (or a CLIP text encoder) from a Hugging Face checkpoint folder or a .safetensors file."""
+def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              activation: str | None = None) -> CLIP:
+    """Load a CLIP (or a CLIP text encoder) from a Hugging Face checkpoint folder or a .safetensors file,
+    in Hugging Face's layout or in open_clip's / OpenAI's original one (a folder holding only
+    open_clip_model.safetensors, as the LAION repositories do, or the file itself).
+
+    activation: for the open_clip layout only, which does not record it: "quick_gelu" for OpenAI's
+    models (open_clip's "-quickgelu" names), "gelu" for most LAION ones (see the model card). Without
+    it, the folder's open_clip_config.json decides (model_cfg.quick_gelu), and without that the load
+    is refused. Sizes come from the tensor shapes (heads: width // 64, as openai/CLIP's build_model).
+    Pickled .bin/.pt files are refused: convert them to safetensors first (the error says how)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found — {DOWNLOAD_HINT}")
     file, config_file = (path / "model.safetensors", path / "config.json") if path.is_dir() else (path, None)
     if path.is_dir() and not file.is_file() and (path / "model.fp16.safetensors").is_file():
         file = path / "model.fp16.safetensors"  # the half-precision variant (`download.py --fp16`)
+    if path.is_dir() and not file.is_file():  # open_clip's file, as the LAION repositories hold it
+        file = next((path / name for name in OPEN_CLIP_WEIGHTS if (path / name).is_file()), file)
+    if file.suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{file} is a pickled PyTorch file, which this loader never opens (unpickling runs "
+                         f"whatever code the file carries); {CONVERT_HINT}")
     if not file.is_file():
-        pickled = (path / "pytorch_model.bin").exists()
-        extra = " (this loader reads safetensors only, never pickled .bin files)" if pickled else ""
+        pickled = [p.name for p in (path / "pytorch_model.bin", path / "open_clip_pytorch_model.bin") if p.exists()]
+        extra = f" (this loader reads safetensors only, never pickled files such as {pickled[0]})" if pickled else ""
         raise FileNotFoundError(f"{file} not found{extra} — {DOWNLOAD_HINT}")
     try:
         state = load_file(file)
@@ -398,11 +515,33 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     # transformers 5 saves a bare text encoder without the `text_model.` prefix the hub's files carry.
     if "embeddings.token_embedding.weight" in state:
         state = {f"text_model.{k}": v for k, v in state.items()}
+    open_clip_layout = _is_open_clip(state)
+    if open_clip_layout:
+        state = _from_open_clip(state)
+    elif activation is not None:
+        raise ValueError(f"{file} is in Hugging Face's layout, whose config names its own activation; "
+                         f"activation= is for files in open_clip's layout only — leave it out")
     if "text_model.embeddings.token_embedding.weight" not in state:
         raise ValueError(f"{file} is not a CLIP checkpoint: it has no text_model.embeddings.token_embedding.weight "
                          f"(its first keys: {_first(sorted(state), 5)})")
 
-    if config_file is not None and config_file.is_file():
+    if open_clip_layout:
+        activation = activation or _open_clip_activation(file.parent)
+        if activation not in OPEN_CLIP_ACTIVATIONS:
+            given = f"activation={activation!r} is not supported" if activation else "no activation was given"
+            raise ValueError(f"{file} is in open_clip's layout, which does not record its activation, and {given}: "
+                             f"pass activation='quick_gelu' (OpenAI's models) or 'gelu' (most LAION ones; the model "
+                             f"card says which) to load_clip, or keep the file beside the open_clip_config.json it "
+                             f"came with")
+        config = _config_from_shapes(state, file)
+        config_file = None  # a config.json beside it describes model.safetensors, not this file
+        config.text.hidden_act = activation
+        if config.vision is not None:
+            config.vision.hidden_act = activation
+        # open_clip pools the caption at argmax(ids) (its EOT, 49407, is the largest id); our pooling
+        # (and transformers', for a config saved by save_clip) does exactly that for this legacy id.
+        config.text.eos_token_id = LEGACY_EOS_TOKEN_ID
+    elif config_file is not None and config_file.is_file():
         try:
             config = CLIPConfig.from_hf(json.loads(config_file.read_text(encoding="utf-8")))
         except ValueError as err:  # JSON and UTF-8 errors are ValueErrors too
@@ -482,13 +621,16 @@ class Tokenizer:
     # Whitespace matches no clause: it only separates words and leaves no token (the </w> that ends each
     # word's last symbol stands for it).
 
-    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]):
+    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]], pad_id: int | None = None):
         self.encoder = encoder
         self.decoder = {i: t for t, i in encoder.items()}
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.sot_id, self.eot_id = encoder[SOT], encoder[EOT]
+        # The padding the tokenizer's files name, which a text encoder conditioning a UNet was trained
+        # with: EOT for SD 1.x, "!" (id 0) for SD 2.x. EOT when the files name none.
+        self.pad_id = self.eot_id if pad_id is None else pad_id
         self.cache = {SOT: SOT, EOT: EOT}
 
     @classmethod
@@ -508,7 +650,25 @@ class Tokenizer:
         encoder = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(encoder, merges)
+        return cls(encoder, merges, cls._pad_id(path, encoder))
+
+    @staticmethod
+    def _pad_id(folder: Path, encoder: dict[str, int]) -> int | None:
+        """The id of `pad_token` in tokenizer_config.json, overridden by special_tokens_map.json as transformers
+        does; a string or an AddedToken-style {"content": "!"}. None when neither file names one."""
+        pad = None
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            file = folder / name
+            if file.is_file():
+                try:
+                    value = json.loads(file.read_text(encoding="utf-8")).get("pad_token", pad)
+                except (ValueError, AttributeError):  # not JSON, or not a JSON object
+                    raise ValueError(f"{file} is not a JSON object; fix it or download it again") from None
+                pad = value.get("content") if isinstance(value, dict) else value
+                if pad is not None and pad not in encoder:
+                    raise ValueError(f"{file} names pad_token {pad!r}, which is not in {folder / 'vocab.json'}; "
+                                     f"fix it or download the tokenizer again")
+        return None if pad is None else encoder[pad]
 
     @classmethod
     def from_openai_bpe(cls, path: str | Path) -> "Tokenizer":
@@ -554,8 +714,9 @@ class Tokenizer:
                  context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
         """Texts → (B, context_length) ids: [SOT, tokens…, EOT, pad…]. Too long a text is cut and
         its last position set to EOT, so that pooling still finds the end of the text. Padding: 0
-        as OpenAI and open_clip do; Stable Diffusion 1.x's tokenizer pads with EOT (pass
-        pad_token_id=tokenizer.eot_id), and its UNet has only seen conditioning padded that way."""
+        as OpenAI and open_clip do; Stable Diffusion's tokenizers pad with what their files name
+        (EOT for SD 1.x, "!" for SD 2.x: pass pad_token_id=tokenizer.pad_id), and each UNet has only
+        seen conditioning padded its way."""
         texts = [texts] if isinstance(texts, str) else texts
         out = torch.full((len(texts), context_length), pad_token_id, dtype=torch.long)
         for row, text in zip(out, texts):
@@ -639,14 +800,19 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Zero-shot: how well does each caption match the image?")
-    parser.add_argument("path", nargs="?", default="weights/clip-vit-base-patch32", help="CLIP checkpoint folder")
+    parser.add_argument("path", nargs="?", default="weights/clip-vit-base-patch32",
+                        help="CLIP checkpoint folder, or a hub id in the local Hugging Face cache")
     parser.add_argument("captions", nargs="*", default=["a photo of a cat", "a photo of a dog"],
                         help="candidate captions")
     parser.add_argument("--image", required=True, help="image file")
     args = parser.parse_args()
-    if not Path(args.path).exists():
-        raise SystemExit(f"{args.path} not found — {DOWNLOAD_HINT}")
-    model, tokenizer = load_clip(args.path), Tokenizer.from_pretrained(args.path)
+    try:
+        path = hub_path(args.path)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+    if not path.exists():
+        raise SystemExit(f"{path} not found — {DOWNLOAD_HINT}")
+    model, tokenizer = load_clip(path), Tokenizer.from_pretrained(path)
     size = model.config.vision.image_size
     pixels = image_transform(size)(open_image(args.image, size=size))[None]
     with torch.no_grad():

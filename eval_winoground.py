@@ -334,8 +334,8 @@ class StableDiffusion:
                         dtype: torch.dtype = torch.float32) -> "StableDiffusion":
         path = hub_path(path)  # a hub id: its snapshot in the local Hugging Face cache
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x folder in diffusers "
-                                    f"layout — {DOWNLOAD_HINT}")
+            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x or 2.x-base folder in "
+                                    f"diffusers layout — {DOWNLOAD_HINT}")
         missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion "
@@ -445,7 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--clip", nargs="?", const="",
                        help=f"CLIP checkpoint folder or .safetensors (alone: {DEFAULT_CLIP}; the default when "
                             f"neither is given)")
-    model.add_argument("--sd", nargs="?", const="", help=f"Stable Diffusion 1.x or 2.x-base diffusers folder or hub id (alone: {DEFAULT_SD})")
+    model.add_argument("--sd", nargs="?", const="",
+                       help=f"Stable Diffusion 1.x or 2.x-base diffusers folder or hub id (alone: {DEFAULT_SD})")
     parser.add_argument("--toy", action="store_true",
                         help=f"the toy world of weights/toyworld.py: --data defaults to {TOY_DATA}, a bare --clip "
                              f"means {TOY_CLIP} (also the default model), a bare --sd {TOY_SD}")

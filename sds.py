@@ -17,8 +17,12 @@ Two readings of "score distillation" are offered by `sds_loss`:
 - mode="stopgrad": DreamFusion's SDS gradient (Poole et al. 2022, https://arxiv.org/abs/2209.14988),
   which skips the UNet Jacobian: ∇ = E[w(t) (ε̂ − ε) ∂z_t/∂θ].
 
-This file loads nothing; `train.py` puts the pieces together with clip.py and unet.py.
+This file loads no weights (`check_scheduler` reads one small JSON file); `train.py` puts the
+pieces together with clip.py and unet.py.
 """
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -53,6 +57,34 @@ class NoiseSchedule:
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """t ~ U{0, …, T−1}, shape (batch_size,), on the CPU (the generator's device)."""
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
+
+
+def check_scheduler(sd_folder: str | Path) -> None:
+    """Refuse a Stable Diffusion folder whose scheduler/scheduler_config.json describes another training
+    than NoiseSchedule and the ε-losses assume (no such file: SD's own is assumed). The 768-pixel SD 2.x
+    models are trained with prediction_type "v_prediction": their UNet outputs v = √ᾱ_t ε − √(1−ᾱ_t) z_0,
+    not ε, so ‖ε_θ − ε‖² would be measured against the wrong target."""
+    file = Path(sd_folder) / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError:  # JSON and UTF-8 errors
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object; fix it or download it again")
+    prediction = config.get("prediction_type", "epsilon")  # diffusers' default, and what SD 1.x's files omit
+    if prediction != "epsilon":
+        raise ValueError(f"{file} says prediction_type {prediction!r}: the SDS loss and the diffusion score need a "
+                         f"UNet that predicts the noise ε (SD 1.x, SD 2.x-base such as "
+                         f"stabilityai/stable-diffusion-2-1-base), not a v-prediction model")
+    expected = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END,
+                "beta_schedule": "scaled_linear"}
+    wrong = [f"{key} {config[key]!r} (expected {value!r})" for key, value in expected.items()
+             if key in config and config[key] != value]
+    if wrong:
+        raise ValueError(f"{file} has {', '.join(wrong)}, but NoiseSchedule is Stable Diffusion's training schedule; "
+                         f"this model was trained with another one")
 
 
 def denoising_error(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor,
@@ -132,10 +164,11 @@ def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.
 
 def encode_prompt(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
     """c: the captions through SD's own text encoder, (B, 77, D): the last hidden state after the
-    final LayerNorm, with the ids padded by end-of-text as in SD 1.x's training (not with 0, as
-    OpenAI's CLIP pads). `text_encoder` has a `.text_model(ids)`, `tokenizer(texts, pad_token_id=…)`
-    returns (B, 77) ids and has `.eot_id` (clip.py's CLIP and Tokenizer)."""
-    ids = tokenizer(captions, pad_token_id=tokenizer.eot_id)  # (B, 77), EOT after the caption
+    final LayerNorm, with the ids padded as in the model's training: with what its tokenizer's files
+    name as pad_token, end-of-text for SD 1.x, "!" (id 0) for SD 2.x. Every position conditions the
+    UNet, padding included. `text_encoder` has a `.text_model(ids)`, `tokenizer(texts, pad_token_id=…)`
+    returns (B, 77) ids and has `.pad_id` (clip.py's CLIP and Tokenizer)."""
+    ids = tokenizer(captions, pad_token_id=tokenizer.pad_id)  # (B, 77): SOT, caption, EOT, padding
     return text_encoder.text_model(ids.to(next(text_encoder.parameters()).device))  # (B, 77, D)
 
 

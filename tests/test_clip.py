@@ -571,3 +571,197 @@ def test_demo_prints_probabilities(tmp_path, hf_tokenizer_folder):
     missing = subprocess.run([sys.executable, "clip.py", str(tmp_path / "none"), "--image", str(tmp_path / "cat.png")],
                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert missing.returncode != 0 and "weights/download.py" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- open_clip's layout
+
+
+def open_clip_model(quick_gelu: bool) -> torch.nn.Module:
+    """A small open_clip CLIP (its own class, nn.MultiheadAttention and all) with random weights. Widths of
+    128 with 64-dimensional heads, as in every release: the loader derives heads as width // 64."""
+    from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
+
+    model = OpenCLIP(32, CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
+                     CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
+                     quick_gelu=quick_gelu)
+    return randomize(model)
+
+
+def save_open_clip(model: torch.nn.Module, file: Path) -> Path:
+    """The state dict under open_clip's own keys in a safetensors file (as the LAION repos'
+    open_clip_model.safetensors)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, file)
+    return file
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_open_clip_layout_matches_open_clip(parity, tmp_path, tokenizer, activation):
+    ref = open_clip_model(quick_gelu=activation == "quick_gelu")
+    ours = load_clip(save_open_clip(ref, tmp_path / "open_clip_model.safetensors"), activation=activation)
+    assert (ours.config.text.num_attention_heads, ours.config.vision.num_hidden_layers) == (2, 2)
+    ids, pixels = tokenizer(CAPTIONS), torch.randn(3, 3, 32, 32)  # padded with 0, as open_clip's tokenizer pads
+    with torch.no_grad():
+        image, text, scale = ref(pixels, ids)  # normalised features and exp(logit_scale)
+        parity(f"open_clip layout ({activation}) image embeds", ours.encode_image(pixels), ref.encode_image(pixels))
+        parity(f"open_clip layout ({activation}) text embeds", ours.encode_text(ids), ref.encode_text(ids))
+        parity(f"open_clip layout ({activation}) logits_per_image", ours(pixels, ids), scale * image @ text.T)
+        other = load_clip(tmp_path / "open_clip_model.safetensors",
+                          activation="gelu" if activation == "quick_gelu" else "quick_gelu")
+        assert (other.encode_text(ids) - ref.encode_text(ids)).abs().max() > 1e-3  # the activation is used
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_open_clip_layout_saved_by_save_clip_loads_in_transformers(parity, tmp_path, tokenizer, activation):
+    ref = open_clip_model(quick_gelu=activation == "quick_gelu")
+    ours = load_clip(save_open_clip(ref, tmp_path / "oc.safetensors"), activation=activation)
+    save_clip(ours, tmp_path / "hf")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    ids, pixels = tokenizer(CAPTIONS), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parity(f"open_clip → save_clip → transformers ({activation}) image embeds",
+               hf.get_image_features(pixel_values=pixels), ref.encode_image(pixels))
+        parity(f"open_clip → save_clip → transformers ({activation}) text embeds",
+               hf.get_text_features(input_ids=ids), ref.encode_text(ids))
+
+
+def test_open_clip_custom_text_prefix_and_openai_extras(tmp_path, tokenizer):
+    """open_clip's "custom text" models keep the text tower under text.; OpenAI's files carry three ints."""
+    ref = open_clip_model(quick_gelu=True)
+    state = {(k if k.startswith(("visual.", "logit_scale")) else f"text.{k}"): v.contiguous()
+             for k, v in ref.state_dict().items()}
+    state |= {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
+              "vocab_size": torch.tensor(49408)}
+    save_file(state, tmp_path / "custom.safetensors")
+    ours = load_clip(tmp_path / "custom.safetensors", activation="quick_gelu")
+    ids = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_text(ids), ref.encode_text(ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("config, activation", [({"quick_gelu": True}, "quick_gelu"), ({}, "gelu")])
+def test_open_clip_folder_takes_the_activation_from_open_clip_config(tmp_path, config, activation):
+    """A LAION hub folder: open_clip_model.safetensors beside open_clip_config.json, whose model_cfg.quick_gelu
+    (default false, as open_clip's) decides; an explicit activation= still wins."""
+    save_open_clip(open_clip_model(quick_gelu=False), tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 32, **config}}))
+    assert load_clip(tmp_path).config.text.hidden_act == activation
+    assert load_clip(tmp_path).config.vision.hidden_act == activation
+    assert load_clip(tmp_path, activation="quick_gelu").config.text.hidden_act == "quick_gelu"
+
+
+def test_open_clip_file_without_activation_is_refused(tmp_path):
+    file = save_open_clip(open_clip_model(quick_gelu=False), tmp_path / "oc.safetensors")
+    with pytest.raises(ValueError, match=r"oc.safetensors is in open_clip's layout, which does not record its "
+                                         r"activation, and no activation was given: pass activation='quick_gelu'"):
+        load_clip(file)
+    with pytest.raises(ValueError, match=r"activation='relu' is not supported"):
+        load_clip(file, activation="relu")
+    (tmp_path / "open_clip_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"open_clip_config.json is not a valid open_clip config"):
+        load_clip(file)
+
+
+def test_activation_is_refused_for_the_hugging_face_layout(good_folder):
+    with pytest.raises(ValueError, match=r"model.safetensors is in Hugging Face's layout, whose config names its "
+                                         r"own activation"):
+        load_clip(good_folder, activation="gelu")
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32.pt", "open_clip_pytorch_model.bin"])
+def test_pickled_files_are_refused_with_how_to_convert(tmp_path, name):
+    (tmp_path / name).write_bytes(b"PK\x03\x04 a pickled zip archive")
+    with pytest.raises(ValueError, match=rf"{name} is a pickled PyTorch file, which this loader never opens.*"
+                                         r"open_clip.create_model.*safetensors.torch.save_file"):
+        load_clip(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match=rf"never pickled files such as {name}" if name.endswith(".bin")
+                       else r"model.safetensors not found —"):
+        load_clip(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the pad token
+
+
+@pytest.mark.parametrize("pad_token, pad_id", [(None, 49407), ("<|endoftext|>", 49407), ("!", 0)])
+def test_pad_id_from_the_files_transformers_writes(tmp_path, hf_tokenizer_folder, pad_token, pad_id):
+    """SD 1.x's tokenizer files name <|endoftext|> as pad_token, SD 2.x's "!"; none: end-of-text."""
+    kwargs = {} if pad_token is None else {"pad_token": pad_token}
+    transformers.CLIPTokenizer(hf_tokenizer_folder / "vocab.json", hf_tokenizer_folder / "merges.txt",
+                               **kwargs).save_pretrained(tmp_path)
+    ours = Tokenizer.from_pretrained(tmp_path)
+    assert ours.pad_id == pad_id
+    ref = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    assert ref.pad_token_id == pad_id
+    expected = ref(CAPTIONS[:2], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ours(CAPTIONS[:2], pad_token_id=ours.pad_id), expected)
+
+
+def test_pad_token_as_added_token_dict_and_bad_values(tmp_path, hf_tokenizer_folder):
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_tokenizer_folder / name, tmp_path / name)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "!", "lstrip": False}}))
+    assert Tokenizer.from_pretrained(tmp_path).pad_id == 0  # special_tokens_map.json wins, as in transformers
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    with pytest.raises(ValueError, match=r"special_tokens_map.json names pad_token '<pad>', which is not in .*vocab"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"special_tokens_map.json is not a JSON object"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- hub ids in the local cache
+
+
+def fake_cache(root: Path, repo: str, commit: str = "0123abcd") -> Path:
+    """The Hugging Face cache's layout: models--org--name/refs/main holds the commit of snapshots/<commit>/."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "snapshots" / "older").mkdir()
+    return folder / "snapshots" / commit
+
+
+def test_hub_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
+    for name in ("HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = fake_cache(tmp_path / "home" / ".cache" / "huggingface" / "hub", "openai/clip-vit-base-patch32")
+    assert clip.hub_path("openai/clip-vit-base-patch32") == default
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    home = fake_cache(tmp_path / "hf_home" / "hub", "openai/clip-vit-base-patch32", "feed")
+    assert clip.hub_path("openai/clip-vit-base-patch32") == home
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    cache = fake_cache(tmp_path / "hub_cache", "openai/clip-vit-base-patch32", "beef")
+    assert clip.hub_path("openai/clip-vit-base-patch32") == cache
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai" / "clip-vit-base-patch32").mkdir(parents=True)  # a folder of that name here wins
+    assert clip.hub_path("openai/clip-vit-base-patch32") == Path("openai/clip-vit-base-patch32")
+
+
+def test_hub_id_loads_from_the_cache(parity, tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    ref = randomize(transformers.CLIPModel(small_config()))
+    saved(ref, fake_cache(tmp_path / "hub", "someone/small-clip"))
+    ids = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        parity("clip from a hub id in the local cache", load_clip(clip.hub_path("someone/small-clip")).encode_text(ids),
+               ref.get_text_features(input_ids=ids), atol=1e-4)
+
+
+def test_hub_id_not_in_the_cache_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"^laion/CLIP-ViT-B-32-laion2B-s34B-b79K not found, neither as a path "
+                                                r"nor as a hub id in the local Hugging Face cache \(.*hub/models--laion"
+                                                r"--CLIP-ViT-B-32-laion2B-s34B-b79K/refs/main names no snapshot\) — "
+                                                r"download it with `huggingface-cli download laion/CLIP-ViT-B-32"):
+        clip.hub_path("laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    folder = fake_cache(tmp_path / "hub", "org/name")
+    folder.rmdir()  # refs/main names a snapshot that is not there (an interrupted download)
+    with pytest.raises(FileNotFoundError, match=r"org/name not found"):
+        clip.hub_path("org/name")
+    for path in ("/abs/missing", "./rel/missing", "a/b/c", "nothing"):  # not hub ids: returned as paths
+        assert clip.hub_path(path) == Path(path)

@@ -393,6 +393,50 @@ def test_fp16_takes_variant_files_from_main_or_else_the_fp16_branch(hub, tmp_pat
     assert not list(tmp_path.rglob("*model.safetensors")), "fp32 weights were fetched"
 
 
+@pytest.mark.parametrize("name, repo", [("stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                                        ("stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base")])
+def test_sd_presets_fetch_the_diffusers_files_of_their_repo(hub, tmp_path, name, repo):
+    files = {path: (fake_weights(40_000 + i, seed=i) if path.endswith(".safetensors") else b'{"n": %d}' % i)
+             for i, path in enumerate(download.SD_FILES)}
+    hub.files[("model", repo, "main")] = {**files, "unet/diffusion_pytorch_model.bin": b"pickled" * 50}
+    result = run_script(name, "--dir", tmp_path, env_extra={"HF_ENDPOINT": hub.url})
+    assert result.returncode == 0, result.stderr
+    assert {str(p.relative_to(tmp_path / name)): p.read_bytes() for p in (tmp_path / name).rglob("*") if p.is_file()} \
+        == files
+    assert any(path.startswith(f"/{repo}/resolve/main/unet/") for path in hub.resolves())
+    assert not any(path.endswith(".bin") for path in hub.resolves()), "a pickle was downloaded"
+
+
+def test_laion_preset_fetches_open_clip_safetensors_that_load_clip_reads(hub, tmp_path):
+    """laion/CLIP-ViT-B-32-laion2B-s34B-b79K's open_clip_model.safetensors (open_clip's keys), its
+    open_clip_config.json (which names the activation) and the Hugging Face tokenizer files; never the .bin."""
+    import torch
+    from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save
+
+    from clip import Tokenizer, load_clip
+
+    model = OpenCLIP(16, CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=16),
+                     CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)).eval()
+    vocab = {f"t{i}": i for i in range(49406)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407, "!": 0}
+    repo = download.OPEN_CLIP_REPOS["CLIP-ViT-B-32-laion2B-s34B-b79K"]
+    files = {"open_clip_model.safetensors": save({k: v.contiguous() for k, v in model.state_dict().items()}),
+             "open_clip_config.json": json.dumps({"model_cfg": {"embed_dim": 16}}).encode(),
+             "vocab.json": json.dumps(vocab).encode(), "merges.txt": b"#version: 0.2\nt 0\n",
+             "tokenizer_config.json": b'{"pad_token": "!"}', "special_tokens_map.json": b'{"pad_token": "!"}'}
+    hub.files[("model", repo, "main")] = {**files, "open_clip_pytorch_model.bin": b"pickled" * 50,
+                                          "model.safetensors": fake_weights(1000, seed=2), "config.json": b"{}"}
+    result = run_script("CLIP-ViT-B-32-laion2B-s34B-b79K", "--dir", tmp_path, env_extra={"HF_ENDPOINT": hub.url})
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "CLIP-ViT-B-32-laion2B-s34B-b79K"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+    ours = load_clip(folder)
+    assert ours.config.text.hidden_act == "gelu" and Tokenizer.from_pretrained(folder).pad_id == 0
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(pixels), model.encode_image(pixels), rtol=0, atol=1e-5)
+
+
 def zip_bytes(members):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:

@@ -4,6 +4,7 @@ and CLIP's contrastive loss in numpy. The UNet is a tiny diffusers UNet2DConditi
 these tests do not depend on unet.py.
 """
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from clip import Tokenizer, load_clip
-from sds import Mapper, NoiseSchedule, contrastive_loss, denoising_error, encode_prompt, sds_loss
+from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, denoising_error, encode_prompt, sds_loss
 
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -200,3 +201,58 @@ def test_encode_prompt_pads_with_eot_and_equals_transformers(tmp_path, parity):
         expected = ref(input_ids=eot_padded).last_hidden_state
     assert ours.shape == (2, 77, CONTEXT_DIM)
     parity("sds encode_prompt vs transformers CLIPTextModel, EOT padding", ours, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_encode_prompt_pads_as_the_tokenizer_files_say(tmp_path, parity, pad_token):
+    """SD 1.x's tokenizer pads with end-of-text, SD 2.x's with "!" (id 0), and its text encoder is a GELU
+    CLIPTextModel: c against transformers' CLIPTokenizer (from the same files) and CLIPTextModel."""
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=CONTEXT_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, hidden_act="gelu",
+        eos_token_id=49407)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "text_encoder")
+    openai = Tokenizer.from_openai_bpe(OPENAI_BPE)
+    (tmp_path / "bpe").mkdir()
+    (tmp_path / "bpe" / "vocab.json").write_text(json.dumps(openai.encoder), encoding="utf-8")
+    merges = sorted(openai.ranks, key=openai.ranks.get)
+    (tmp_path / "bpe" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                                encoding="utf-8")
+    transformers.CLIPTokenizer(tmp_path / "bpe" / "vocab.json", tmp_path / "bpe" / "merges.txt",
+                               pad_token=pad_token).save_pretrained(tmp_path / "tokenizer")
+    captions = ["a mug in some grass", "some grass in a mug, seen from above"]
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    ids = hf_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert (ids[:, -1] == (0 if pad_token == "!" else 49407)).all()
+    with torch.no_grad():
+        ours = encode_prompt(load_clip(tmp_path / "text_encoder"), Tokenizer.from_pretrained(tmp_path / "tokenizer"),
+                             captions)
+        expected = ref(input_ids=ids).last_hidden_state
+        parity(f"sds encode_prompt, gelu text encoder, pad {pad_token!r}", ours, expected, atol=1e-5)
+        other_pad = ref(input_ids=torch.where(ids == ids[0, -1], 49407 if pad_token == "!" else 0, ids))
+    assert (other_pad.last_hidden_state - expected).abs().max() > 1e-3  # the padding changes c: it matters
+
+
+def write_scheduler(folder: Path, **config) -> Path:
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **config).save_pretrained(
+        folder / "scheduler")
+    return folder
+
+
+def test_check_scheduler_accepts_epsilon_and_refuses_v_prediction(tmp_path):
+    check_scheduler(tmp_path)  # no scheduler/ folder: SD's own schedule is assumed
+    check_scheduler(write_scheduler(tmp_path / "sd2-base", prediction_type="epsilon"))
+    with pytest.raises(ValueError, match=r"scheduler_config.json says prediction_type 'v_prediction': the SDS loss "
+                                         r"and the diffusion score need a UNet that predicts the noise"):
+        check_scheduler(write_scheduler(tmp_path / "sd2-768", prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match=r"scheduler_config.json has beta_end 0.02 \(expected 0.012\), but "
+                                         r"NoiseSchedule is Stable Diffusion's"):
+        DDPMScheduler(beta_end=0.02, beta_start=0.00085, beta_schedule="scaled_linear").save_pretrained(
+            tmp_path / "other" / "scheduler")
+        check_scheduler(tmp_path / "other")
+    (tmp_path / "bad" / "scheduler").mkdir(parents=True)
+    (tmp_path / "bad" / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"scheduler_config.json is not a JSON object"):
+        check_scheduler(tmp_path / "bad")

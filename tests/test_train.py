@@ -533,6 +533,17 @@ def test_missing_weights(assets, tmp_path):
     assert "python weights/download.py" in result.stdout and "Traceback" not in result.stdout
 
 
+def test_v_prediction_model_is_refused_in_one_line(assets, tmp_path):
+    """SD 2.x's 768-pixel models predict v, not ε: refused before any weight loads."""
+    sd = tmp_path / "sd-v"
+    shutil.copytree(assets / "sd", sd, ignore=shutil.ignore_patterns("*.safetensors"))
+    (sd / "scheduler").mkdir(exist_ok=True)
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    result = train(assets, tmp_path / "out", sd=sd, check=False)
+    assert result.returncode == 1 and "says prediction_type 'v_prediction'" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
 def test_missing_and_corrupt_images(assets, tmp_path):
     coco = tmp_path / "coco"
     shutil.copytree(assets / "coco", coco)

@@ -3,6 +3,7 @@
     python weights/download.py                          # CLIP ViT-B/32 + Stable Diffusion v1-4 (fp32)
     python weights/download.py --fp16                   # the same, Stable Diffusion in half precision
     python weights/download.py clip-vit-large-patch14   # another CLIP (names: see --help)
+    python weights/download.py stable-diffusion-2-1-base CLIP-ViT-B-32-laion2B-s34B-b79K   # SD 2.1-base, a LAION CLIP
     python weights/download.py --coco weights/coco      # MS-COCO 2017 train images + captions
     python weights/download.py --winoground weights/winoground --token hf_...   # gated dataset
 
@@ -49,6 +50,17 @@ USER_AGENT = "sds-clip-download/1.0"
 CLIP_NAMES = ("clip-vit-base-patch32", "clip-vit-base-patch16", "clip-vit-large-patch14",
               "clip-vit-large-patch14-336")
 SD_NAME = "stable-diffusion-v1-4"
+# Stable Diffusion presets (diffusers layout, SD_FILES): name → hub repository. Each repository's
+# files were checked against public listings (weights/README.md says how).
+SD_REPOS = {SD_NAME: "CompVis/stable-diffusion-v1-4",
+            "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base"}
+# CLIPs in open_clip's layout: clip.py reads open_clip_model.safetensors, and the activation from
+# open_clip_config.json; the tokenizer files are the Hugging Face ones beside it.
+OPEN_CLIP_REPOS = {"CLIP-ViT-B-32-laion2B-s34B-b79K": "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"}
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_config.json", "vocab.json", "merges.txt",
+                   "tokenizer_config.json", "special_tokens_map.json")
+MODEL_NAMES = CLIP_NAMES + tuple(OPEN_CLIP_REPOS) + tuple(SD_REPOS)
 DEFAULT_MODELS = ("clip-vit-base-patch32", SD_NAME)
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt",
               "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json")
@@ -270,8 +282,10 @@ def model_plan(name, fp16=False, revision="main"):
         extra = [(SAFETENSORS_PR[name], "model.safetensors")] if name in SAFETENSORS_PR else []
         return f"openai/{name}", [(f, [(revision, f)] + (extra if f == "model.safetensors" else []))
                                   for f in CLIP_FILES]
-    if name != SD_NAME:
-        raise DownloadError(f"unknown model {name!r}; choose one of {', '.join(CLIP_NAMES + (SD_NAME,))}.")
+    if name in OPEN_CLIP_REPOS:
+        return OPEN_CLIP_REPOS[name], [(f, [(revision, f)]) for f in OPEN_CLIP_FILES]
+    if name not in SD_REPOS:
+        raise DownloadError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
     plan = []
     for f in SD_FILES:
         if fp16 and f.endswith(".safetensors"):
@@ -281,7 +295,7 @@ def model_plan(name, fp16=False, revision="main"):
             plan.append((variant, [(revision, variant), ("fp16", f)]))
         else:
             plan.append((f, [(revision, f)]))
-    return f"CompVis/{name}", plan
+    return SD_REPOS[name], plan
 
 
 def unzip(zip_path, dest, inner, members=None):
@@ -329,7 +343,7 @@ def download_coco(folder, endpoint=DEFAULT_COCO_ENDPOINT, md5=COCO_MD5, backoff=
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help=f"any of {', '.join(CLIP_NAMES + (SD_NAME,))} (default: {' and '.join(DEFAULT_MODELS)}, "
+                        help=f"any of {', '.join(MODEL_NAMES)} (default: {' and '.join(DEFAULT_MODELS)}, "
                              f"unless only --coco/--winoground is given)")
     parser.add_argument("--fp16", action="store_true", help="Stable Diffusion's *.fp16.safetensors instead of fp32")
     parser.add_argument("--revision", default="main", help="hub branch, tag or commit of the models")
@@ -343,9 +357,9 @@ def main(argv=None):
                         help="COCO download address (env COCO_ENDPOINT)")
     parser.add_argument("--winoground", type=Path, metavar="DIR", help="fetch the gated Winoground dataset into DIR")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.models if name not in CLIP_NAMES + (SD_NAME,)]
+    unknown = [name for name in args.models if name not in MODEL_NAMES]
     if unknown:
-        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(CLIP_NAMES + (SD_NAME,))}")
+        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODEL_NAMES)}")
     models = args.models or ([] if args.coco or args.winoground else list(DEFAULT_MODELS))
     endpoint = args.endpoint.rstrip("/")
     try:
