@@ -44,8 +44,9 @@ def run(command: list[str], threads: int | None) -> float:
 def scores(records: list[dict], image_key: str = "scores") -> dict:
     """Percentages overall and the group score per tag, from per-example 2×2 scores."""
     credit = [(text_correct(r["scores"]), image_correct(r[image_key]), r["collapsed_tag"]) for r in records]
-    row = {"text": 100 * statistics.mean(t for t, _, _ in credit), "image": 100 * statistics.mean(i for _, i, _ in credit)}
-    row["group"] = 100 * statistics.mean(t and i for t, i, _ in credit)
+    row = {"text": 100 * statistics.mean(t for t, _, _ in credit),
+           "image": 100 * statistics.mean(i for _, i, _ in credit),
+           "group": 100 * statistics.mean(t and i for t, i, _ in credit)}
     for tag in TAGS:
         row[f"{tag} group"] = 100 * statistics.mean(t and i for t, i, g in credit if g == tag)
     return row
@@ -116,7 +117,8 @@ def main() -> None:
         cells = []
         for column in columns:
             values = [r[column] for r in runs]
-            cells.append(f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(runs) > 1 else ""))
+            spread = f" ± {statistics.stdev(values):.1f}" if len(runs) > 1 else ""
+            cells.append(f"{statistics.mean(values):.1f}{spread}")
         print(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(seconds[name]):.0f} |")
     results = {"settings": vars(args), "train_defaults": TRAIN_DEFAULTS, "rows": table, "seconds": seconds}
     (out / f"{args.split}-results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -46,7 +46,7 @@ if not __package__:  # run as a script, `python weights/toyworld.py`: the projec
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clip import CLIP, EOT, OPENAI_MEAN, OPENAI_STD, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfig  # noqa: E402
 from clip import bytes_to_unicode, clean_text, save_clip  # noqa: E402
-from sds import NoiseSchedule, contrastive_loss  # noqa: E402
+from sds import NoiseSchedule, contrastive_loss, encode_prompt  # noqa: E402
 from unet import UNet, UNetConfig, save_unet  # noqa: E402
 from vae import VAE, VAEConfig, save_vae  # noqa: E402
 
@@ -146,7 +146,7 @@ def swap_example(tag: str, rng: np.random.Generator) -> tuple[Scene, Scene, str,
     else:  # the same two objects, their places exchanged
         scene = random_scene(rng, sorted(HELD_OUT))
         swapped = Scene(scene.second, scene.first, scene.axis)
-    if tag == "relation":  # "a red circle on the left and a blue square on the right" / "… on the right … on the left"
+    if tag == "relation":  # "a red circle on the left and a blue square on the right" / "… on the right … left"
         place = {"h": ("on the left", "on the right"), "v": ("at the top", "at the bottom")}[scene.axis]
         caption_0 = f"{noun(scene.first)} {place[0]} and {noun(scene.second)} {place[1]}"
         caption_1 = f"{noun(scene.first)} {place[1]} and {noun(scene.second)} {place[0]}"
@@ -412,7 +412,7 @@ def train_unet(train: TrainSet, vae: VAE, text_encoder: CLIP, tokenizer: Tokeniz
         z0 = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator))
         z0 = z0 * vae.config.scaling_factor  # z_0: a latent sample × scaling_factor
         with torch.no_grad():
-            context = text_encoder.text_model(tokenizer(captions, pad_token_id=tokenizer.eot_id))  # (B, 77, 64)
+            context = encode_prompt(text_encoder, tokenizer, captions)  # c: SD's conditioning, (B, 77, 64)
         t = schedule.sample_timesteps(len(index), generator)  # t ~ U{0, …, 999}
         noise = torch.randn(z0.shape, generator=generator)  # ε ~ N(0, I)
         z_t = schedule.add_noise(z0, noise, t)  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
@@ -511,7 +511,8 @@ def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, recipe: Recip
     contact_sheet(paths["test"], out / "contact_sheet.png")
     marker.write_text(json.dumps({**settings, "torch_threads": torch_threads, "seconds": times,
                                   "total_seconds": round(sum(times.values()), 1)}, indent=2) + "\n")
-    print("built: " + ", ".join(f"{name} {s:.0f} s" for name, s in times.items()) + f"; see {out / 'contact_sheet.png'}")
+    print("built: " + ", ".join(f"{name} {s:.0f} s" for name, s in times.items())
+          + f"; see {out / 'contact_sheet.png'}")
     return paths
 
 
