@@ -605,6 +605,19 @@ def clean_text(text: str) -> str:
     return regex.sub(r"\s+", " ", text).strip().lower()
 
 
+def merge_pair(parts, pair: tuple[str, str]) -> list[str]:
+    """The symbols of a word with every occurrence of `pair`, left to right, joined into one."""
+    merged, i = [], 0
+    while i < len(parts):
+        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+            merged.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
+
+
 class Tokenizer:
     """CLIP's byte-level BPE tokenizer (OpenAI's simple_tokenizer): 49,408 tokens, words end in </w>."""
 
@@ -690,15 +703,7 @@ class Tokenizer:
             best = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            parts = merge_pair(parts, best)
         self.cache[word] = " ".join(parts)
         return parts
 

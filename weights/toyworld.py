@@ -45,7 +45,7 @@ from tqdm import tqdm
 if not __package__:  # run as a script, `python weights/toyworld.py`: the project's modules sit one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clip import CLIP, EOT, OPENAI_MEAN, OPENAI_STD, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfig  # noqa: E402
-from clip import bytes_to_unicode, clean_text, save_clip  # noqa: E402
+from clip import bytes_to_unicode, clean_text, merge_pair, save_clip  # noqa: E402
 from sds import NoiseSchedule, contrastive_loss, encode_prompt  # noqa: E402
 from unet import UNet, UNetConfig, save_unet  # noqa: E402
 from vae import VAE, VAEConfig, save_vae  # noqa: E402
@@ -258,18 +258,7 @@ def learn_bpe(texts: list[str]) -> list[tuple[str, str]]:
             return merges
         best = max(sorted(pairs), key=pairs.__getitem__)  # most frequent; ties: the first in sorted order
         merges.append(best)
-        merged = {}
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = count
-        words = merged
+        words = {tuple(merge_pair(word, best)): count for word, count in words.items()}
 
 
 def write_tokenizer(folders: list[Path], texts: list[str]) -> Tokenizer:
