@@ -44,7 +44,11 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per-channel pixel statistic
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 LEGACY_EOS_TOKEN_ID = 2  # older Hugging Face configs carry eos_token_id=2: pool at argmax(ids) instead
-HEAD_DIM = 64  # every released CLIP's attention head width; the head count of a bare file is width // 64
+HEAD_DIM = 64  # the attention head width of OpenAI's CLIPs and most others: a bare file's heads are width // 64
+# ... but open_clip's larger ViTs have wider heads, which only open_clip_config.json records (vision_cfg.head_width:
+# 80 for ViT-H-14, 88 for ViT-g-14, 104 for ViT-bigG-14). Without it, a width that splits into heads of 64 and of
+# one of these (1280 = 20 × 64 = 16 × 80) has no certain head count, and is refused.
+WIDE_HEAD_DIMS = (80, 88, 104)
 DOWNLOAD_HINT = "run `python weights/download.py` (see weights/README.md)"
 # open_clip's layout does not record the activation: OpenAI's models use QuickGELU, LAION's mostly GELU
 # (open_clip marks QuickGELU models by a "-quickgelu" model name, or quick_gelu in open_clip_config.json).
@@ -66,6 +70,9 @@ MAX_IMAGE_PIXELS = 40_000_000
 # moves by at most 3 of 255 levels (0.4 on average; tests/test_clip.py checks it). COCO's and
 # Winoground's images are too small for it ever to apply at CLIP's 224 or SD's 512.
 REDUCED_DECODE_MARGIN = 4
+# Thinner images are refused: the resize brings the shorter side to S, and the longer one to ratio × S (a 20000 × 1
+# PNG of 143 bytes would become 4.5 million × 224 pixels, 3 GB). Even panoramas are rarely beyond 10:1.
+MAX_ASPECT_RATIO = 20
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -333,12 +340,14 @@ class CLIP(nn.Module):
 
 
 HUB_ID = regex.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # organisation/name: one slash, no leading "." or "/"
+HUB_COMMIT = regex.compile(r"[0-9a-f]+")  # what refs/main holds: a commit hash, the name of a folder in snapshots/
 
 
 def hub_path(path: str | Path) -> Path:
     """A model path as given, or, for a hub id such as openai/clip-vit-base-patch32 that is no path here,
     its snapshot in the local Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    ~/.cache/huggingface/hub; there models--{org}--{name}/snapshots/<the commit in refs/main>. The
+    ~/.cache/huggingface/hub; there models--{org}--{name}/snapshots/<the commit in refs/main>, refused if it
+    or a file in it leads out of models--{org}--{name}/ (its files are links into blobs/ there). The
     network is never used. Here rather than in each script: clip.py is the one module of ours that
     every script taking a model path imports, and it imports nothing of ours."""
     if Path(path).exists() or not HUB_ID.fullmatch(str(path)):
@@ -347,45 +356,78 @@ def hub_path(path: str | Path) -> Path:
     cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or default_home) / "hub")
     repo = cache.expanduser() / f"models--{str(path).replace('/', '--')}"
     ref = repo / "refs" / "main"
-    snapshot = repo / "snapshots" / ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+    commit = ref.read_bytes()[:100].decode("utf-8", "replace").strip() if ref.is_file() else None
+    if commit is not None and not HUB_COMMIT.fullmatch(commit):
+        raise FileNotFoundError(f"{ref} holds {commit!r}, not a commit hash, so it names no snapshot; delete {repo} "
+                                f"and download it again with `huggingface-cli download {path}`")
+    snapshot = repo / "snapshots" / commit if commit is not None else None
     if snapshot is not None and snapshot.is_dir():
+        inside = repo.resolve()
+        out = next((p for p in [snapshot, *snapshot.rglob("*")] if not p.resolve().is_relative_to(inside)), None)
+        if out is not None:
+            raise FileNotFoundError(f"{out} leads out of the Hugging Face cache (to {out.resolve()}), so {path} is not "
+                                    f"loaded from it; delete {repo} and download it again with `huggingface-cli "
+                                    f"download {path}`")
         return snapshot
     raise FileNotFoundError(f"{path} not found, neither as a path nor as a hub id in the local Hugging Face cache "
                             f"({repo / 'refs' / 'main'} names no snapshot) — download it with `huggingface-cli "
                             f"download {path}`, or run `python weights/download.py` (see weights/README.md)")
 
 
-def _config_from_shapes(state: dict[str, torch.Tensor], file: Path) -> CLIPConfig:
-    """For a bare .safetensors file: read sizes off the tensors, as OpenAI's build_model does.
-    Head counts are not stored anywhere; every released CLIP uses 64-dimensional heads."""
+# The tensors whose shapes give a bare file's sizes, by their names in open_clip's layout (for the message when one
+# is missing; OPEN_CLIP_RULES renames them to ours).
+OPEN_CLIP_NAMES = {"text_model.encoder.layers.0.mlp.fc1.weight": "transformer.resblocks.0.mlp.c_fc.weight",
+                   "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                   "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+                   "vision_model.encoder.layers.0.mlp.fc1.weight": "visual.transformer.resblocks.0.mlp.c_fc.weight",
+                   "visual_projection.weight": "visual.proj"}
+
+
+def _config_from_shapes(state: dict[str, torch.Tensor], file: Path, open_clip: bool = False,
+                        heads: tuple[int, int] | None = None) -> CLIPConfig:
+    """For a bare .safetensors file: read sizes off the tensors, as OpenAI's build_model does. Head counts are
+    stored nowhere: `heads` (text heads, vision head width) come from open_clip_config.json; without them, the
+    heads are width // 64 where no wider head (WIDE_HEAD_DIMS) also fits."""
+
+    def shape(key: str) -> torch.Size:
+        if key not in state:
+            raise ValueError(f"{file} has no tensor {OPEN_CLIP_NAMES[key] if open_clip else key}, from which the "
+                             f"model's sizes are read; the file is incomplete — download it again")
+        return state[key].shape
 
     def layers(prefix: str) -> int:
         return len({k.split(".")[3] for k in state if k.startswith(f"{prefix}.encoder.layers.")})
 
-    def heads(tower: str, width: int) -> int:
-        if width % HEAD_DIM:
-            raise ValueError(f"{file} comes without a config.json and its {tower} width {width} is not a multiple "
-                             f"of {HEAD_DIM}, so its attention head count cannot be derived; pass the checkpoint's "
-                             f"folder with its config.json")
-        return width // HEAD_DIM
+    def head_count(tower: str, width: int) -> int:
+        if heads is not None:  # as open_clip builds them
+            return heads[0] if tower == "text" else width // heads[1]
+        wide = [d for d in WIDE_HEAD_DIMS if width % d == 0]
+        if width % HEAD_DIM == 0 and not wide:
+            return width // HEAD_DIM
+        config = "an open_clip_config.json" if open_clip else "a config.json"
+        why = f"splits into heads of {HEAD_DIM} or of {wide[0]}" if wide else f"is not a multiple of {HEAD_DIM}"
+        fix = "put the open_clip_config.json it came with beside it" if open_clip else \
+            "pass the checkpoint's folder with its config.json"
+        raise ValueError(f"{file} comes without {config} and its {tower} width {width} {why}, so its attention "
+                         f"head count cannot be derived; {fix}")
 
     tok = state["text_model.embeddings.token_embedding.weight"]
     text = TextConfig(
         vocab_size=tok.shape[0], hidden_size=tok.shape[1],
-        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers("text_model"), num_attention_heads=heads("text", tok.shape[1]),
-        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+        intermediate_size=shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=layers("text_model"), num_attention_heads=head_count("text", tok.shape[1]),
+        max_position_embeddings=shape("text_model.embeddings.position_embedding.weight")[0],
     )
     if "vision_model.embeddings.patch_embedding.weight" not in state:
         return CLIPConfig(text=text, projection_dim=None)
     patch = state["vision_model.embeddings.patch_embedding.weight"]  # (width, 3, p, p)
-    grid = math.isqrt(state["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)
+    grid = math.isqrt(shape("vision_model.embeddings.position_embedding.weight")[0] - 1)
     vision = VisionConfig(
-        hidden_size=patch.shape[0], intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers("vision_model"), num_attention_heads=heads("image", patch.shape[0]),
+        hidden_size=patch.shape[0], intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=layers("vision_model"), num_attention_heads=head_count("image", patch.shape[0]),
         image_size=grid * patch.shape[-1], patch_size=patch.shape[-1], num_channels=patch.shape[1],
     )
-    return CLIPConfig(text=text, vision=vision, projection_dim=state["visual_projection.weight"].shape[0])
+    return CLIPConfig(text=text, vision=vision, projection_dim=shape("visual_projection.weight")[0])
 
 
 # open_clip / OpenAI original keys → ours, applied in order to each key. Besides these renames, three
@@ -437,21 +479,28 @@ def _from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _open_clip_activation(folder: Path) -> str | None:
-    """The activation named by open_clip_config.json beside an open_clip file (the hub's LAION folders
-    have one): open_clip builds QuickGELU exactly when model_cfg.quick_gelu is true. None without the file."""
+def _open_clip_config(folder: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """What open_clip_config.json beside an open_clip file (the hub's LAION folders have one) says and its tensors
+    do not, read as open_clip builds the model: the activation (QuickGELU exactly when model_cfg.quick_gelu is
+    true), and (text_cfg.heads, vision_cfg.head_width), 8 and 64 where absent. (None, None) without the file."""
     config_file = folder / "open_clip_config.json"
     if not config_file.is_file():
-        return None
+        return None, None
     try:
         model_cfg = json.loads(config_file.read_text(encoding="utf-8"))["model_cfg"]
-        quick = model_cfg.get("quick_gelu", False)
+        values = {"quick_gelu": model_cfg.get("quick_gelu", False),
+                  "text_cfg.heads": model_cfg.get("text_cfg", {}).get("heads", 8),
+                  "vision_cfg.head_width": model_cfg.get("vision_cfg", {}).get("head_width", HEAD_DIM)}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{config_file} is not a valid open_clip config (no model_cfg object: {err!r}); fix it, "
-                         f"remove it and pass activation=..., or download it again") from None
-    if not isinstance(quick, bool):
-        raise ValueError(f"{config_file}: model_cfg.quick_gelu is {quick!r}, which is not true or false; fix it")
-    return "quick_gelu" if quick else "gelu"
+        raise ValueError(f"{config_file} is not a valid open_clip config (model_cfg, text_cfg and vision_cfg must "
+                         f"be objects: {err!r}); fix it, remove it and pass activation=..., or download it "
+                         f"again") from None
+    for key, value in values.items():
+        quick = key == "quick_gelu"
+        if not (isinstance(value, bool) if quick else _matches(value, int) and value > 0):
+            raise ValueError(f"{config_file}: model_cfg.{key} is {value!r}, which is not "
+                             f"{'true or false' if quick else 'a positive integer'}; fix it")
+    return "quick_gelu" if values["quick_gelu"] else "gelu", (values["text_cfg.heads"], values["vision_cfg.head_width"])
 
 
 def _check_heads(config: CLIPConfig, config_file: Path) -> None:
@@ -459,7 +508,7 @@ def _check_heads(config: CLIPConfig, config_file: Path) -> None:
     for name, tower in [("text_config", config.text), ("vision_config", config.vision)]:
         if tower is not None and (tower.num_attention_heads < 1 or tower.hidden_size % tower.num_attention_heads):
             raise ValueError(f"{config_file}: {name} has num_attention_heads {tower.num_attention_heads}, which does "
-                             f"not divide hidden_size {tower.hidden_size}; fix config.json or download it again")
+                             f"not divide hidden_size {tower.hidden_size}; fix it or download it again")
 
 
 def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -487,7 +536,8 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     activation: for the open_clip layout only, which does not record it: "quick_gelu" for OpenAI's
     models (open_clip's "-quickgelu" names), "gelu" for most LAION ones (see the model card). Without
     it, the folder's open_clip_config.json decides (model_cfg.quick_gelu), and without that the load
-    is refused. Sizes come from the tensor shapes (heads: width // 64, as openai/CLIP's build_model).
+    is refused. Sizes come from the tensor shapes, heads from open_clip_config.json (without it: width // 64,
+    as openai/CLIP's build_model, where no wider head also fits).
     Pickled .bin/.pt files are refused: convert them to safetensors first (the error says how)."""
     path = Path(path)
     if not path.exists():
@@ -526,14 +576,17 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu", dtype: torch
                          f"(its first keys: {_first(sorted(state), 5)})")
 
     if open_clip_layout:
-        activation = activation or _open_clip_activation(file.parent)
+        config_activation, heads = _open_clip_config(file.parent)
+        activation = activation or config_activation
         if activation not in OPEN_CLIP_ACTIVATIONS:
             given = f"activation={activation!r} is not supported" if activation else "no activation was given"
             raise ValueError(f"{file} is in open_clip's layout, which does not record its activation, and {given}: "
                              f"pass activation='quick_gelu' (OpenAI's models) or 'gelu' (most LAION ones; the model "
                              f"card says which) to load_clip, or keep the file beside the open_clip_config.json it "
                              f"came with")
-        config = _config_from_shapes(state, file)
+        config = _config_from_shapes(state, file, open_clip=True, heads=heads)
+        if heads is not None:
+            _check_heads(config, file.parent / "open_clip_config.json")
         config_file = None  # a config.json beside it describes model.safetensors, not this file
         config.text.hidden_act = activation
         if config.vision is not None:
@@ -660,10 +713,27 @@ class Tokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: a CLIP tokenizer needs vocab.json and merges.txt "
                                         f"— {DOWNLOAD_HINT}")
-        encoder = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        encoder = cls._vocab(path / "vocab.json")
         lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         return cls(encoder, merges, cls._pad_id(path, encoder))
+
+    @staticmethod
+    def _vocab(file: Path) -> dict[str, int]:
+        """vocab.json: {token: id} with ids from 0 to its size − 1 and both special tokens, or one ValueError."""
+        try:
+            vocab = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as err:  # JSON and UTF-8 errors
+            raise ValueError(f"{file} is not valid JSON ({err}); download the tokenizer again") from None
+        if not isinstance(vocab, dict):
+            problem = f"holds a JSON {type(vocab).__name__}, not an object of token → id"
+        elif bad := [t for t, i in vocab.items() if not _matches(i, int) or not 0 <= i < len(vocab)]:
+            problem = f"gives {bad[0]!r} the id {vocab[bad[0]]!r}, not an integer from 0 to {len(vocab) - 1}"
+        elif missing := [t for t in (SOT, EOT) if t not in vocab]:
+            problem = f"has no {missing[0]} token"
+        else:
+            return vocab
+        raise ValueError(f"{file} {problem}; fix it or download the tokenizer again")
 
     @staticmethod
     def _pad_id(folder: Path, encoder: dict[str, int]) -> int | None:
@@ -678,6 +748,9 @@ class Tokenizer:
                 except (ValueError, AttributeError):  # not JSON, or not a JSON object
                     raise ValueError(f"{file} is not a JSON object; fix it or download it again") from None
                 pad = value.get("content") if isinstance(value, dict) else value
+                if pad is not None and not isinstance(pad, str):
+                    raise ValueError(f"{file} gives pad_token as {pad!r}, not a string; fix it or download the "
+                                     f"tokenizer again")
                 if pad is not None and pad not in encoder:
                     raise ValueError(f"{file} names pad_token {pad!r}, which is not in {folder / 'vocab.json'}; "
                                      f"fix it or download the tokenizer again")
@@ -745,7 +818,8 @@ class Tokenizer:
 
 def open_image(source, name: str | Path | None = None, size: int | None = None) -> Image.Image:
     """Open and decode an image (a path or a file object), or raise one ValueError naming it: not an
-    image, corrupt or truncated, or more than MAX_IMAGE_PIXELS to decode (checked before decoding).
+    image, corrupt or truncated, more than MAX_IMAGE_PIXELS to decode or thinner than 1:MAX_ASPECT_RATIO
+    (both checked before decoding), or of more than 8 bits with values it cannot map (see to_8_bits).
     With `size`, the side the preprocessing resizes the shorter side to, a large image is decoded
     reduced (see REDUCED_DECODE_MARGIN): a large JPEG is then never decoded at full size at all.
     A missing file raises FileNotFoundError."""
@@ -763,7 +837,11 @@ def open_image(source, name: str | Path | None = None, size: int | None = None) 
             image.draft(None, (image.width // factor, image.height // factor))  # scaled in the DCT
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"{image.width} × {image.height} pixels to decode")
+        if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+            raise ValueError(f"{image.width} × {image.height} pixels, one side more than {MAX_ASPECT_RATIO} times "
+                             f"the other: crop it")
         image.load()
+        image = to_8_bits(image)
         factor //= round(full_width / image.width)  # what draft did not do
         if factor > 1:  # RGB first, as image_transform does before it resamples (a palette cannot be averaged)
             image = to_rgb(image).reduce(factor)
@@ -777,6 +855,20 @@ def open_image(source, name: str | Path | None = None, size: int | None = None) 
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or damaged files
         raise ValueError(f"{name} is not a readable image ({err})") from None
     return image
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images (modes I;16*, I) → L as 16-bit values (÷ 257: 16-bit PNGs and TIFFs), float
+    ones (F) as values from 0 to 1 (× 255); other values raise a ValueError. PIL's own conversion would clip
+    them to 0–255: all white, or all black."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    top = 1.0 if image.mode == "F" else 65535
+    low, high = image.getextrema()
+    if not 0 <= low <= high <= top:  # also refuses NaN
+        raise ValueError(f"mode {image.mode} with values from {low} to {high}, beyond the 0 to {top} that can be "
+                         f"mapped to 8 bits: save it as an 8-bit image")
+    return image.convert("F").point(lambda v: v * 255 / top + 0.5).convert("L")  # + 0.5: convert truncates
 
 
 # A named function at the top level, not a lambda: DataLoader workers that are spawned rather than

@@ -22,6 +22,7 @@ pieces together with clip.py and unet.py.
 """
 
 import json
+import reprlib
 from pathlib import Path
 
 import torch
@@ -78,9 +79,10 @@ def check_scheduler(sd_folder: str | Path) -> None:
         raise ValueError(f"{file} says prediction_type {prediction!r}: the SDS loss and the diffusion score need a "
                          f"UNet that predicts the noise ε (SD 1.x, SD 2.x-base such as "
                          f"stabilityai/stable-diffusion-2-1-base), not a v-prediction model")
+    # Zero-terminal-SNR rescaling and hand-given betas would change ᾱ_t too.
     expected = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END,
-                "beta_schedule": "scaled_linear"}
-    wrong = [f"{key} {config[key]!r} (expected {value!r})" for key, value in expected.items()
+                "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False, "trained_betas": None}
+    wrong = [f"{key} {reprlib.repr(config[key])} (expected {value!r})" for key, value in expected.items()
              if key in config and config[key] != value]
     if wrong:
         raise ValueError(f"{file} has {', '.join(wrong)}, but NoiseSchedule is Stable Diffusion's training schedule; "

@@ -113,6 +113,9 @@ class UNetConfig:
                 raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type {kind}; fix it "
                                  f"or {DOWNLOAD_HINT} to fetch it again.")
         config = cls(**values)
+        if not config.block_out_channels:
+            raise ValueError(f"{file} sets block_out_channels = [], which must list at least one width; fix it or "
+                             f"{DOWNLOAD_HINT} to fetch it again.")
         checks = {
             "down_block_types": all(b in DOWN_BLOCK_TYPES for b in config.down_block_types),
             "up_block_types": all(b in UP_BLOCK_TYPES for b in config.up_block_types),

@@ -77,6 +77,12 @@ class VAEConfig:
                                  f"or {DOWNLOAD_HINT} to fetch it again.")
         config = cls(**values)
         config.block_out_channels = tuple(config.block_out_channels)
+        if not config.block_out_channels:
+            raise ValueError(f"{file} sets block_out_channels = [], which must list at least one width; fix it or "
+                             f"{DOWNLOAD_HINT} to fetch it again.")
+        if not (math.isfinite(config.scaling_factor) and config.scaling_factor > 0):  # 0: every latent is 0
+            raise ValueError(f"{file} sets scaling_factor = {config.scaling_factor!r}, which must be a positive finite "
+                             f"number (SD 1.x: {SCALING_FACTOR}); fix it or {DOWNLOAD_HINT} to fetch it again.")
         return config
 
 

@@ -405,6 +405,37 @@ def test_unreadable_images(tmp_path, content, message):
         open_image(tmp_path / "missing.png")
 
 
+@pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I", "tif"), ("F", "tif")])
+def test_16_bit_32_bit_and_float_images_keep_their_range(tmp_path, mode, suffix):
+    """A 16-bit PNG, a 32-bit integer TIFF holding 16-bit values, a float TIFF from 0 to 1: the 8-bit picture."""
+    gray = np.asarray(make_image("L", (50, 40)))
+    data = {"I;16": gray.astype(np.uint16) * 257, "I": gray.astype(np.int32) * 257, "F": gray.astype(np.float32) / 255}
+    Image.fromarray(data[mode]).save(tmp_path / f"x.{suffix}")
+    assert Image.open(tmp_path / f"x.{suffix}").mode == mode
+    image = open_image(tmp_path / f"x.{suffix}", size=32)
+    assert image.mode == "L" and np.array_equal(np.asarray(image), gray)
+
+
+@pytest.mark.parametrize("data, message", [(np.full((8, 8), 2.0, np.float32), r"mode F with values from 2.0 to 2.0"),
+                                           (np.full((8, 8), np.nan, np.float32), r"mode F with values from nan"),
+                                           (np.full((8, 8), -5, np.int32), r"mode I with values from -5 to -5")])
+def test_images_whose_values_cannot_be_mapped_to_8_bits_are_refused(tmp_path, data, message):
+    Image.fromarray(data).save(tmp_path / "x.tif")
+    with pytest.raises(ValueError, match=rf"x.tif is not a readable image \({message}.*: save it as an 8-bit image\)"):
+        open_image(tmp_path / "x.tif")
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (1, 100000), (2100, 100)])
+def test_thin_images_are_refused(tmp_path, size):
+    """A 143-byte 20000 × 1 PNG would become 4.5 million × 224 pixels after the resize."""
+    Image.new("L", size).save(tmp_path / "thin.png")
+    with pytest.raises(ValueError, match=rf"thin.png is not a readable image \({size[0]} × {size[1]} pixels, one side "
+                                         r"more than 20 times the other: crop it\)"):
+        open_image(tmp_path / "thin.png", size=224)
+    Image.new("L", (2000, 100)).save(tmp_path / "panorama.png")
+    assert open_image(tmp_path / "panorama.png").size == (2000, 100)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -576,15 +607,15 @@ def test_demo_prints_probabilities(tmp_path, hf_tokenizer_folder):
 # ----------------------------------------------------------------------------- open_clip's layout
 
 
-def open_clip_model(quick_gelu: bool) -> torch.nn.Module:
-    """A small open_clip CLIP (its own class, nn.MultiheadAttention and all) with random weights. Widths of
-    128 with 64-dimensional heads, as in every release: the loader derives heads as width // 64."""
+def open_clip_model(quick_gelu: bool, vision: dict | None = None, text: dict | None = None) -> torch.nn.Module:
+    """A small open_clip CLIP (its own class, nn.MultiheadAttention and all) with random weights. By default
+    widths of 128 with 64-dimensional heads, which the loader derives as width // 64 without a config;
+    `vision` and `text` change open_clip's CLIPVisionCfg and CLIPTextCfg."""
     from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
 
-    model = OpenCLIP(32, CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
-                     CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2),
-                     quick_gelu=quick_gelu)
-    return randomize(model)
+    vision = dict(layers=2, width=128, patch_size=8, image_size=32) | (vision or {})
+    text = dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2) | (text or {})
+    return randomize(OpenCLIP(32, CLIPVisionCfg(**vision), CLIPTextCfg(**text), quick_gelu=quick_gelu))
 
 
 def save_open_clip(model: torch.nn.Module, file: Path) -> Path:
@@ -644,10 +675,60 @@ def test_open_clip_folder_takes_the_activation_from_open_clip_config(tmp_path, c
     """A LAION hub folder: open_clip_model.safetensors beside open_clip_config.json, whose model_cfg.quick_gelu
     (default false, as open_clip's) decides; an explicit activation= still wins."""
     save_open_clip(open_clip_model(quick_gelu=False), tmp_path / "open_clip_model.safetensors")
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 32, **config}}))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 32, "text_cfg": {"heads": 2},
+                                                                              **config}}))
     assert load_clip(tmp_path).config.text.hidden_act == activation
     assert load_clip(tmp_path).config.vision.hidden_act == activation
     assert load_clip(tmp_path, activation="quick_gelu").config.text.hidden_act == "quick_gelu"
+
+
+@pytest.mark.parametrize("name, vision, text, written", [
+    ("head width 80", {"width": 320, "head_width": 80}, {"width": 160, "heads": 2}, True),  # as ViT-H-14's image tower
+    ("defaults", {}, {"heads": 8}, False),  # keys absent: open_clip's defaults, image heads of 64 dims, 8 text heads
+])
+def test_open_clip_heads_come_from_open_clip_config(parity, tmp_path, tokenizer, name, vision, text, written):
+    ref = open_clip_model(quick_gelu=False, vision=vision, text=text)
+    save_open_clip(ref, tmp_path / "open_clip_model.safetensors")
+    model_cfg = {"embed_dim": 32} | ({"vision_cfg": vision, "text_cfg": text} if written else {})
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    ours = load_clip(tmp_path)
+    ids, pixels = tokenizer(CAPTIONS), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        parity(f"open_clip layout, {name} image embeds", ours.encode_image(pixels), ref.encode_image(pixels))
+        parity(f"open_clip layout, {name} text embeds", ours.encode_text(ids), ref.encode_text(ids))
+
+
+@pytest.mark.parametrize("model_cfg, message", [
+    (None, r"oc.safetensors comes without an open_clip_config.json and its image width 320 splits into heads of 64 "
+           r"or of 80, so its attention head count cannot be derived; put the open_clip_config.json it came with"),
+    ({"vision_cfg": {"head_width": "80"}}, r"model_cfg.vision_cfg.head_width is '80', which is not a positive integer"),
+    ({"text_cfg": {"heads": 0}}, r"model_cfg.text_cfg.heads is 0, which is not a positive integer"),
+    ({"text_cfg": [2]}, r"is not a valid open_clip config \(model_cfg, text_cfg and vision_cfg must be objects"),
+    ({"vision_cfg": {"head_width": 96}}, r"vision_config has num_attention_heads 3, which does not divide hidden_size"),
+])
+def test_open_clip_heads_that_are_unknown_or_badly_written_are_refused(tmp_path, model_cfg, message):
+    """Width 320 is 5 heads of 64 or 4 of 80: without the config either could be right."""
+    save_open_clip(open_clip_model(False, vision={"width": 320, "head_width": 80}), tmp_path / "oc.safetensors")
+    if model_cfg is not None:
+        (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    with pytest.raises(ValueError, match=message):
+        load_clip(tmp_path / "oc.safetensors", activation="gelu")
+
+
+@pytest.mark.parametrize("layout, key", [
+    *(("open_clip", key) for key in ("visual.proj", "positional_embedding", "visual.positional_embedding",
+                                     "transformer.resblocks.0.mlp.c_fc.weight",
+                                     "visual.transformer.resblocks.0.mlp.c_fc.weight")),
+    ("hf", "visual_projection.weight"), ("hf", "text_model.embeddings.position_embedding.weight")])
+def test_file_without_a_tensor_that_gives_the_sizes(tmp_path, layout, key):
+    if layout == "hf":
+        state = transformers.CLIPModel(small_config()).state_dict()
+    else:
+        state = open_clip_model(quick_gelu=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items() if k != key}, tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match=rf"bare.safetensors has no tensor {key}, from which the model's sizes are "
+                                         r"read; the file is incomplete — download it again"):
+        load_clip(tmp_path / "bare.safetensors", activation="gelu" if layout == "open_clip" else None)
 
 
 def test_open_clip_file_without_activation_is_refused(tmp_path):
@@ -712,6 +793,27 @@ def test_pad_token_as_added_token_dict_and_bad_values(tmp_path, hf_tokenizer_fol
         Tokenizer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name, edit, message", [
+    ("tokenizer_config.json", lambda v: {"pad_token": ["!"]}, r"gives pad_token as \['!'\], not a string"),
+    ("special_tokens_map.json", lambda v: {"pad_token": {"content": 0}}, r"gives pad_token as 0, not a string"),
+    ("vocab.json", lambda v: list(v), r"holds a JSON list, not an object of token → id"),
+    ("vocab.json", lambda v: {t: i for t, i in v.items() if t != "<|endoftext|>"}, r"has no <\|endoftext\|> token"),
+    ("vocab.json", lambda v: {t: str(i) for t, i in v.items()}, r"gives '!' the id '0', not an integer from 0 to \d+"),
+    ("vocab.json", lambda v: v | {"<|endoftext|>": 10**6}, r"gives '<\|endoftext\|>' the id 1000000, not an in.*"),
+    ("vocab.json", lambda v: v | {"!": -1}, r"gives '!' the id -1, not an integer from 0 to 49407"),
+    ("vocab.json", lambda v: v | {"!": 0.0}, r"gives '!' the id 0.0, not an integer from 0 to 49407"),
+])
+def test_tokenizer_files_of_the_wrong_shape_are_one_line(tmp_path, hf_tokenizer_folder, name, edit, message):
+    import shutil
+
+    for file in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_tokenizer_folder / file, tmp_path / file)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    (tmp_path / name).write_text(json.dumps(edit(vocab)), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{name} {message}; fix it or download the tokenizer again"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 # ----------------------------------------------------------------------------- hub ids in the local cache
 
 
@@ -765,3 +867,44 @@ def test_hub_id_not_in_the_cache_says_where_it_looked_and_how_to_get_it(tmp_path
         clip.hub_path("org/name")
     for path in ("/abs/missing", "./rel/missing", "a/b/c", "nothing"):  # not hub ids: returned as paths
         assert clip.hub_path(path) == Path(path)
+
+
+@pytest.mark.parametrize("case", ["../ in refs/main", "absolute refs/main", "snapshot link", "file link", "binary"])
+def test_hub_id_whose_snapshot_leads_out_of_the_cache_is_refused(tmp_path, monkeypatch, case):
+    """Only what lies in the repo's own cache folder loads; its files may link into its blobs/ as the hub's do."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    elsewhere = tmp_path / "elsewhere"  # a model folder outside the cache
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes(b"weights")
+    snapshot = fake_cache(tmp_path / "hub", "org/name")
+    ref = tmp_path / "hub" / "models--org--name" / "refs" / "main"
+    blobs = tmp_path / "hub" / "models--org--name" / "blobs"
+    blobs.mkdir()
+    (blobs / "b0b").write_text("{}")
+    (snapshot / "config.json").symlink_to(Path("../../blobs/b0b"))  # as the hub's files are: accepted
+    assert clip.hub_path("org/name") == snapshot
+    if case == "../ in refs/main":
+        ref.write_text("../" * 7 + str(elsewhere).lstrip("/"))
+    elif case == "absolute refs/main":
+        ref.write_text(str(elsewhere))
+    elif case == "snapshot link":
+        (snapshot.parent / "c0ffee").symlink_to(elsewhere)
+        ref.write_text("c0ffee")
+    elif case == "file link":
+        (snapshot / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    else:
+        ref.write_bytes(b"\xff\xfe\x00\x89PNG")
+    message = r"not a commit hash, so it names no snapshot" if "refs" in case or case == "binary" else \
+        r"leads out of the Hugging Face cache \(to .*elsewhere.*\), so org/name is not loaded from it"
+    with pytest.raises(FileNotFoundError, match=rf"{message}; delete .*models--org--name and download it again with "
+                                                r"`huggingface-cli download org/name`"):
+        clip.hub_path("org/name")
+    if case == "binary":  # the demo says the same in one line
+        env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
+        run = subprocess.run([sys.executable, "clip.py", "org/name", "--image", "x.png"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent.parent, env=env)
+        assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1 and "not a commit hash" in run.stderr

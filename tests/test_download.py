@@ -55,6 +55,8 @@ class FakeHub:
         self.errors = {}  # path in repo -> status codes its next requests answer, in order
         self.page_size = 1000
         self.next_host = "127.0.0.1"  # the host the listing's Link: rel="next" names
+        self.next_link = None  # (this page's URL, next page's URL) -> the Link to send instead, or None for none
+        self.edit = None  # entries -> the entries the tree API lists instead
         self.tree_body = None  # bytes the tree API answers (200) instead of the listing
         self.requests = []  # (server, method, path, headers)
         self.blobs = {}  # sha256 -> bytes the CDN serves
@@ -139,13 +141,16 @@ class FakeHub:
                 entries.append({"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)})
         folders = {p.rsplit("/", 1)[0] for p in files if "/" in p}
         entries += [{"type": "directory", "path": f, "size": 0, "oid": "0" * 40} for f in sorted(folders)]
+        entries = self.edit(entries) if self.edit else entries
         start = int(dict(kv.split("=") for kv in urlsplit(h.path).query.split("&")).get("cursor", 0))
         body = json.dumps(entries[start:start + self.page_size]).encode()
         h.send_response(200)
         if start + self.page_size < len(entries):
             nxt = (f"http://{self.next_host}:{self.servers[0].server_port}/api/{kind}s/{repo}/tree/"
                    f"{quote(revision, safe='')}?recursive=true&cursor={start + self.page_size}")
-            h.send_header("Link", f'<{nxt}>; rel="next"')
+            nxt = self.next_link(f"{self.url}{h.path}", nxt) if self.next_link else nxt
+            if nxt:
+                h.send_header("Link", f'<{nxt}>; rel="next"')
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
@@ -297,19 +302,70 @@ def test_defaults_with_token_go_to_the_hub_as_bearer_and_never_to_the_cdn(hub, t
     assert len(cdn_auth) == 4 and set(cdn_auth) == {None}  # CLIP's weights + SD's three
 
 
-def test_listing_pages_on_another_host_get_no_token(hub, tmp_path):
-    """The Link header may name any host ("localhost" is another host name for the same fake hub
-    here): the token goes to the endpoint's host only, as for redirects."""
-    files, weights = add_clip(hub)
-    hub.page_size, hub.next_host = 2, "localhost"
+def test_relative_listing_links_are_followed(hub, tmp_path):
+    _, weights = add_clip(hub)
+    hub.page_size = 2
+    hub.next_link = lambda page, nxt: nxt.split(str(hub.servers[0].server_port), 1)[1]  # /api/...?cursor=2
     clip(hub, tmp_path, token="hf_secret")
-    listings = [(urlsplit(path).query, h.get("Host", ""), h.get("Authorization"))
-                for role, _, path, h in hub.requests if path.startswith("/api/")]
-    first_pages = [auth for query, host, auth in listings if "cursor=" not in query]
-    next_pages = [(host, auth) for query, host, auth in listings if "cursor=" in query]
-    assert first_pages and set(first_pages) == {"Bearer hf_secret"}
-    assert next_pages and all(host.startswith("localhost:") and auth is None for host, auth in next_pages)
-    assert (tmp_path / "model.safetensors").read_bytes() == weights  # the listing was still complete
+    pages = [h.get("Authorization") for _, _, path, h in hub.requests if "cursor=" in path]
+    assert len(pages) == 4 and set(pages) == {"Bearer hf_secret"}  # 2 more pages of main, 2 of refs/pr/15
+    assert (tmp_path / "model.safetensors").read_bytes() == weights  # the listing was complete
+
+
+@pytest.mark.parametrize("case, pages", [("another host", 1), ("file", 1), ("itself", 1), ("endless", 3)])
+def test_listing_links_off_the_endpoint_looping_or_endless_are_refused(hub, tmp_path, monkeypatch, case, pages):
+    """The Link header names any address the server likes: "localhost" is another host name for the
+    same fake hub, and a file:// URL would be read from this machine."""
+    add_clip(hub)
+    (tmp_path / "secret.txt").write_text("s3cret")
+    hub.page_size = 1 if case == "endless" else 2  # 5 files
+    monkeypatch.setattr(download, "MAX_LISTING_PAGES", 3)
+    hub.next_host = "localhost" if case == "another host" else hub.next_host
+    if case == "file":
+        hub.next_link = lambda page, nxt: (tmp_path / "secret.txt").as_uri()
+    if case == "itself":  # today's code loops forever: the fake hub stops after 50 requests
+        hub.next_link = lambda page, nxt: page if len(hub.requests) < 50 else None
+    problem = {"another host": f"which is not on {hub.url}", "file": f"which is not on {hub.url}",
+               "itself": "a page it has listed already", "endless": "past the 3 pages this script reads"}[case]
+    with pytest.raises(download.DownloadError, match=rf"names \S+ as the next page of its file listing, {problem}; "
+                                                     r"check --endpoint") as err:
+        clip(hub, tmp_path / "out", token="hf_secret")
+    assert "s3cret" not in str(err.value)
+    assert len(hub.requests) == pages and hub.resolves() == []
+
+
+@pytest.mark.parametrize("edit", [lambda e: e.pop("size"), lambda e: e.pop("oid"), lambda e: e.update(size="12"),
+                                  lambda e: e.update(oid=7), lambda e: e.update(path=["config.json"]),
+                                  lambda e: e.update(lfs="yes"), lambda e: e.update(lfs={"size": 3})],
+                         ids=["no size", "no oid", "size a string", "oid an int", "path a list", "lfs a string",
+                              "lfs without oid"])
+def test_listing_entries_without_size_or_oid_or_of_the_wrong_type(hub, tmp_path, edit):
+    add_clip(hub)
+
+    def damage(entries):
+        for entry in entries:
+            if entry["path"] == "config.json":
+                edit(entry)
+        return entries
+
+    hub.edit = damage
+    with pytest.raises(download.DownloadError, match=r"tree/main\?recursive=true lists \{.*config.json.*\}, which "
+                                                     r"lacks a file's path, size or oid \(or has one of the wrong "
+                                                     r"type\); check --endpoint"):
+        clip(hub, tmp_path)
+    assert hub.resolves() == []
+
+
+@pytest.mark.parametrize("flag, below", [("--dir", ""), ("--dir", "sub"), ("--winoground", ""), ("--coco", "sub")])
+def test_a_folder_flag_naming_a_file_is_one_line(hub, tmp_path, flag, below):
+    add_clip(hub)
+    (tmp_path / "file").write_text("x")
+    result = run_script(*(["clip-vit-base-patch32"] if flag == "--dir" else []), flag, tmp_path / "file" / below,
+                        "--endpoint", hub.url)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {flag} {tmp_path / 'file' / below} cannot be made a folder, as "
+                                     f"{tmp_path / 'file'} is a file; choose another place.")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.parametrize("body", [b"<html><body>Sign in to the network</body></html>", b'{"error": "no"}',
@@ -421,7 +477,7 @@ def test_laion_preset_fetches_open_clip_safetensors_that_load_clip_reads(hub, tm
     vocab = {f"t{i}": i for i in range(49406)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407, "!": 0}
     repo = download.OPEN_CLIP_REPOS["CLIP-ViT-B-32-laion2B-s34B-b79K"]
     files = {"open_clip_model.safetensors": save({k: v.contiguous() for k, v in model.state_dict().items()}),
-             "open_clip_config.json": json.dumps({"model_cfg": {"embed_dim": 16}}).encode(),
+             "open_clip_config.json": json.dumps({"model_cfg": {"embed_dim": 16, "text_cfg": {"heads": 1}}}).encode(),
              "vocab.json": json.dumps(vocab).encode(), "merges.txt": b"#version: 0.2\nt 0\n",
              "tokenizer_config.json": b'{"pad_token": "!"}', "special_tokens_map.json": b'{"pad_token": "!"}'}
     hub.files[("model", repo, "main")] = {**files, "open_clip_pytorch_model.bin": b"pickled" * 50,

@@ -256,3 +256,14 @@ def test_check_scheduler_accepts_epsilon_and_refuses_v_prediction(tmp_path):
     (tmp_path / "bad" / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"scheduler_config.json is not a JSON object"):
         check_scheduler(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"rescale_betas_zero_snr": True}, r"rescale_betas_zero_snr True \(expected False\)"),
+    ({"trained_betas": [1e-4] * 1000}, r"trained_betas \[0.0001, .*\] \(expected None\)"),
+])
+def test_check_scheduler_refuses_other_betas(tmp_path, config, message):
+    """Zero-terminal-SNR rescaling and hand-given betas change ᾱ_t: not the schedule NoiseSchedule computes."""
+    with pytest.raises(ValueError, match=rf"scheduler_config.json has {message}, but NoiseSchedule is Stable "
+                                         r"Diffusion's training schedule"):
+        check_scheduler(write_scheduler(tmp_path, **config))

@@ -227,6 +227,7 @@ def test_unsupported_config(tmp_path, field, value):
     ({"attention_head_dim": "4"}, r"sets attention_head_dim = '4', which is not of type int \| tuple"),
     ({"block_out_channels": [32.5, 64]}, r"sets block_out_channels = \[32.5, 64\], which is not of type tuple"),
     ({"use_linear_projection": 1}, r"sets use_linear_projection = 1, which is not of type bool"),
+    ({"block_out_channels": []}, r"sets block_out_channels = \[\], which must list at least one width"),
 ])
 def test_config_of_the_wrong_shape_or_type(tmp_path, config, message):
     make_reference(tmp_path, **SMALL)

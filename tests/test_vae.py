@@ -271,6 +271,10 @@ def test_unet_and_clip_files_are_refused(tmp_path):
     ({"layers_per_block": "2"}, r"sets layers_per_block = '2', which is not of type int"),
     ({"block_out_channels": [32, "64"]}, r"sets block_out_channels = \[32, '64'\], which is not of type tuple"),
     ({"scaling_factor": "0.5"}, r"sets scaling_factor = '0.5', which is not of type float"),
+    ({"block_out_channels": []}, r"sets block_out_channels = \[\], which must list at least one width"),
+    ({"scaling_factor": 0}, r"sets scaling_factor = 0, which must be a positive finite number"),
+    ({"scaling_factor": -0.18215}, r"sets scaling_factor = -0.18215, which must be a positive finite number"),
+    ({"scaling_factor": float("nan")}, r"sets scaling_factor = nan, which must be a positive finite number"),
 ])
 def test_config_of_the_wrong_shape_or_type(tmp_path, small, config, message):
     """Not an object, or "2" for an int: one sentence naming the file and the field, not an AttributeError

@@ -46,6 +46,7 @@ TIMEOUT_S = 60
 RETRIES = 5  # further attempts after a timeout, a dropped connection or a 5xx
 BACKOFF_S = 2.0  # wait BACKOFF_S · 2^attempt seconds before the next attempt
 USER_AGENT = "sds-clip-download/1.0"
+MAX_LISTING_PAGES = 100  # the hub lists 1000 files a page; the repositories here hold fewer than 100
 
 CLIP_NAMES = ("clip-vit-base-patch32", "clip-vit-base-patch16", "clip-vit-large-patch14",
               "clip-vit-large-patch14-336")
@@ -218,21 +219,38 @@ def fetch(url, dest, size=None, digest=None, token=None, page=None, backoff=BACK
 def list_files(endpoint, repo, revision, token, kind, backoff):
     """{path: tree entry} of every file of repo at revision; {} if there is no such revision."""
     url = f"{endpoint}/api/{kind}s/{repo}/tree/{urllib.parse.quote(revision, safe='')}?recursive=true"
-    host = urllib.parse.urlsplit(url).netloc
-    files = {}
+    files, seen = {}, []
     while url:  # the hub pages long listings through a Link: <...>; rel="next" header
-        # The token goes to the endpoint's own host only, as _NoTokenOffSite does for redirects:
-        # the Link header names any address the server likes.
-        page_token = token if urllib.parse.urlsplit(url).netloc == host else None
+        seen.append(url)
         try:
-            entries, link = with_retries(lambda: _read_listing(url, page_token), url, backoff)
+            entries, link = with_retries(lambda: _read_listing(url, token), url, backoff)
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 return {}
             raise explain(err, url, f"{endpoint}/{'datasets/' if kind == 'dataset' else ''}{repo}") from None
         files.update({entry["path"]: entry for entry in entries if entry["type"] == "file"})
-        url = next((part.split(";")[0].strip(" <>") for part in link.split(",") if 'rel="next"' in part), None)
+        url = _next_page(link, seen)
     return files
+
+
+def _next_page(link, seen):
+    """The page a Link header names as rel="next", resolved against the last page read; None if it names none.
+    The server may name any address, so only a new page on the first page's scheme and host, within
+    MAX_LISTING_PAGES, is followed (the token goes with it); anything else is a DownloadError."""
+    url = next((part.split(";")[0].strip(" <>") for part in link.split(",") if 'rel="next"' in part), None)
+    if url is None:
+        return None
+    url, origin = urllib.parse.urljoin(seen[-1], url), urllib.parse.urlsplit(seen[0])
+    if urllib.parse.urlsplit(url)[:2] != origin[:2]:
+        problem = f"which is not on {origin.scheme}://{origin.netloc}"
+    elif url in seen:
+        problem = "a page it has listed already"
+    elif len(seen) >= MAX_LISTING_PAGES:
+        problem = f"past the {MAX_LISTING_PAGES} pages this script reads"
+    else:
+        return url
+    raise DownloadError(f"{seen[-1]} names {url} as the next page of its file listing, {problem}; check --endpoint "
+                        f"(or HF_ENDPOINT) and any proxy in between.")
 
 
 def _read_listing(url, token):
@@ -246,7 +264,22 @@ def _read_listing(url, token):
     if not isinstance(entries, list) or not all(isinstance(e, dict) and {"path", "type"} <= e.keys() for e in entries):
         raise DownloadError(f"{url} answered with something other than the hub's JSON file listing "
                             f"(it begins {body[:60]!r}); check --endpoint (or HF_ENDPOINT) and any proxy in between.")
+    bad = next((e for e in entries if not _valid_entry(e)), None)
+    if bad is not None:
+        raise DownloadError(f"{url} lists {json.dumps(bad)[:200]}, which lacks a file's path, size or oid (or has "
+                            f"one of the wrong type); check --endpoint (or HF_ENDPOINT) and any proxy in between.")
     return entries, link
+
+
+def _valid_entry(entry):
+    """A listing entry as download_repo reads it: a string path and type; a file also has an integer size, a
+    string oid and, if it is in LFS, an lfs object with a string oid."""
+    if not isinstance(entry["path"], str) or not isinstance(entry["type"], str):
+        return False
+    lfs = entry.get("lfs")
+    return entry["type"] != "file" or (type(entry.get("size")) is int and entry["size"] >= 0
+                                       and isinstance(entry.get("oid"), str)
+                                       and (lfs is None or isinstance(lfs, dict) and isinstance(lfs.get("oid"), str)))
 
 
 def download_repo(repo, plan, folder, endpoint, token=None, kind="model", backoff=BACKOFF_S):
@@ -360,6 +393,10 @@ def main(argv=None):
     unknown = [name for name in args.models if name not in MODEL_NAMES]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+    for flag, folder in [("--dir", args.dir), ("--coco", args.coco), ("--winoground", args.winoground)]:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists()), None) if folder else None
+        if blocker is not None and not blocker.is_dir():
+            sys.exit(f"error: {flag} {folder} cannot be made a folder, as {blocker} is a file; choose another place.")
     models = args.models or ([] if args.coco or args.winoground else list(DEFAULT_MODELS))
     endpoint = args.endpoint.rstrip("/")
     try:
