@@ -54,8 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from clip import Tokenizer, hub_path, image_transform, load_clip, open_image, save_clip
-from eval_winoground import Winoground, clip_scores, format_table, score_examples, summarize
+from clip import OPEN_CLIP_WEIGHTS, Tokenizer, hub_path, image_transform, load_clip, open_image, save_clip
+from eval_winoground import Winoground, can_write, clip_scores, format_table, leaves_folder, score_examples, summarize
 from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, encode_prompt, sds_loss
 from unet import load_unet
 
@@ -69,7 +69,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "preprocessor_config.json")
 # A model folder's weights: the first of these it holds, in the order load_clip and load_unet try them.
 WEIGHTS_FILES = ("model.safetensors", "model.fp16.safetensors", "diffusion_pytorch_model.safetensors",
-                 "diffusion_pytorch_model.fp16.safetensors")
+                 "diffusion_pytorch_model.fp16.safetensors", *OPEN_CLIP_WEIGHTS)
 # Settings a resume may change: where things are (their content is checked instead, see `fingerprint`),
 # how often to save, log and evaluate, and (SCHEDULE, logged when changed) how the update is scheduled
 # and clipped, the cure for a diverging run. Everything else defines the run and must match the checkpoint.
@@ -252,6 +252,11 @@ def setup(args: argparse.Namespace) -> Run:
     # encoder (bfloat16 with --precision bf16: half the memory, and autocast need not cast them each step), the data
     sd_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     try:
+        winoground = Winoground(args.winoground) if args.winoground else None
+        missing = [Path(p) for p in (args.clip, args.sd) if Path(p).parent == Path("weights") and not Path(p).exists()]
+        if missing:  # download.py's folders (the defaults), not hub ids
+            raise FileNotFoundError(f"{' and '.join(map(str, missing))} not found — run "
+                                    f"`python weights/download.py {' '.join(p.name for p in missing)}`")
         clip_path, sd = hub_path(args.clip), hub_path(args.sd)  # a hub id: its snapshot in the local HF cache
         for folder in (clip_path, sd / "unet", sd / "text_encoder", sd / "tokenizer"):
             if not folder.is_dir():
@@ -263,11 +268,13 @@ def setup(args: argparse.Namespace) -> Run:
         sd_tokenizer = Tokenizer.from_pretrained(sd / "tokenizer")
         size = clip.config.vision.image_size
         dataset = CocoCaptions(args.coco_root, image_transform(size), args.limit_images, args.seed, size)
-        winoground = Winoground(args.winoground) if args.winoground else None
-    except (FileNotFoundError, ValueError) as err:
+        if winoground and saved and rank == 0:  # a resume scores Winoground first at an epoch's end: read it now
+            for example in tqdm(winoground.examples, desc="winoground images"):
+                winoground.images(example, size)
+    except (FileNotFoundError, ValueError, ImportError) as err:  # ImportError: a parquet --winoground, no pyarrow
         raise SystemExit(f"train.py: {err}") from None
     unet.gradient_checkpointing = args.gradient_checkpointing
-    identity = fingerprint(args)
+    identity = fingerprint(clip_path, sd, Path(args.coco_root))
     changes = check_resume(path, saved[0], args, identity) if saved else {}
     torch.manual_seed(args.seed)  # h_w's initial weights are a function of --seed alone
     mapper = Mapper.for_unet(clip.config.projection_dim, unet).to(device)  # h_w: (B, D) → (B, 4, 64, 64)
@@ -429,6 +436,8 @@ def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for name in ("warmup_steps", "max_steps", "limit_images", "save_every", "log_every", "num_workers", "seed"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be 0 or more; got {getattr(args, name)}")
+    if not can_write(Path(args.out)):  # now, not after the models have loaded
+        p.error(f"--out {args.out} cannot be written (a file or a read-only folder is in its way); pass another --out")
 
 
 # ----------------------------------------------------------------------------- data
@@ -480,6 +489,8 @@ class CocoCaptions(Dataset):
             seen.add(image_id)
             if not isinstance(name, str):
                 skipped["images whose file_name is not text"].append(f"id {image_id}: {name!r}")
+            elif leaves_folder(name):  # never read from outside train2017/
+                skipped["images whose file_name is absolute or goes up with '..'"].append(f"id {image_id}: {name!r}")
             elif image_id not in captions:
                 skipped["images without captions"].append(str(image_id))
             else:
@@ -723,8 +734,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         with safe_open(path, "pt") as f:
             meta = json.loads((f.metadata() or {})["sds_clip"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-        for key in ("step", "batches_per_epoch", "settings", "identity"):
-            meta[key]  # noqa: B018  (a KeyError or TypeError says the metadata is not ours)
+        # A KeyError or TypeError says the metadata is not ours, or was edited by hand.
+        kinds = {"step": int, "batches_per_epoch": int, "settings": dict, "identity": dict}
+        wrong = [key for key, kind in kinds.items() if not isinstance(meta[key], kind) or isinstance(meta[key], bool)]
+        if wrong or not all(isinstance(entry, dict) for entry in meta["identity"].values()):
+            raise TypeError(f"metadata {wrong or ['identity']} of the wrong type")
+        if bad := nonfinite(tensors):  # train.py saves finite tensors only
+            raise ValueError(f"NaN or infinite values in {', '.join(bad[:3])}")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"train.py: {path} is not a checkpoint this train.py can resume ({type(err).__name__}: "
                          f"{err}): it may be damaged, or written by another program or an older train.py; "
@@ -732,13 +748,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def fingerprint(args: argparse.Namespace) -> dict:
+def fingerprint(clip: Path, sd: Path, coco_root: Path) -> dict:
     """What a run trains from, by content: the sha256 of the CLIP's, the UNet's and SD's text encoder's
     weights files and of the captions file (as the Hugging Face hub's LFS ids; ≈ 0.7 GB/s on one core:
     some 7 s for ViT-B/32 + SD 1.x, 4.6 GB, at each start)."""
-    files = {"clip": Path(args.clip), "unet": Path(args.sd) / "unet", "text_encoder": Path(args.sd) / "text_encoder"}
+    files = {"clip": clip, "unet": sd / "unet", "text_encoder": sd / "text_encoder"}
     files = {key: next(folder / name for name in WEIGHTS_FILES if (folder / name).is_file())
-             for key, folder in files.items()} | {"captions": Path(args.coco_root) / CAPTIONS_FILE}
+             for key, folder in files.items()} | {"captions": coco_root / CAPTIONS_FILE}
     identity = {}
     for key, file in files.items():
         with open(file, "rb") as f:
@@ -788,8 +804,17 @@ def restore(path: Path, saved: tuple[dict, dict], objective: SDSCLIPLoss, optimi
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
     state = optimizer.state_dict()  # its param_groups list parameters by position
-    state["state"] = {i: {key: tensors[f"adamw.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
-                      for i, name in enumerate(params) if f"adamw.{name}.step" in tensors}
+    state["state"], wrong = {}, []
+    for i, (name, p) in enumerate(params.items()):
+        moments = {key: tensors.get(f"adamw.{name}.{key}") for key in ("step", "exp_avg", "exp_avg_sq")}
+        if any(value is not None for value in moments.values()):  # none: AdamW has not updated p yet
+            shapes = {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
+            wrong += [f"adamw.{name}.{key}" for key, value in moments.items()
+                      if value is None or value.shape != shapes[key]]
+            state["state"][i] = moments
+    if wrong:
+        raise SystemExit(f"train.py: {path} holds AdamW moments that are missing or of the wrong shape: "
+                         f"{', '.join(wrong[:3])}; move it away to start afresh there, or pass another --out")
     optimizer.load_state_dict(state)
     return meta["step"]
 
@@ -809,7 +834,11 @@ def start_log(out: Path, step: int, changes: dict, resume: bool) -> None:
     atomically, then one line with the settings this resume changes, if any."""
     out.mkdir(parents=True, exist_ok=True)
     file = out / LOG_FILE
-    lines = file.read_text().splitlines() if resume and file.exists() else []
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines() if resume and file.exists() else []
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"train.py: {file} is not UTF-8 text (byte {err.start}: {err.reason}); fix that line, or "
+                         f"move the file away to resume with a new log") from None
     kept = [line for line in lines if log_position(line) <= step]
     if changes:
         kept.append(json.dumps({"step": step, "changed": changes}))
@@ -838,11 +867,11 @@ def append_log(run: Run, record: dict) -> None:
 def export(model: SDSCLIPLoss, args) -> None:
     """The fine-tuned CLIP as a Hugging Face folder (transformers' CLIPModel.from_pretrained and
     our load_clip read it), with the source's tokenizer files, and h_w in mapper.safetensors."""
-    out = Path(args.out)
+    out, source = Path(args.out), hub_path(args.clip)
     save_clip(model.clip, out)
     for name in TOKENIZER_FILES:
-        if (Path(args.clip) / name).is_file():
-            shutil.copy(Path(args.clip) / name, out / name)
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
     mapper = {k: v.detach().cpu().contiguous() for k, v in model.mapper.state_dict().items()}
     save_file(mapper, out / "mapper.safetensors", metadata={"latent_shape": json.dumps(model.mapper.latent_shape)})
 

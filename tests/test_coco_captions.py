@@ -97,3 +97,17 @@ def test_large_images_are_decoded_reduced(tmp_path, monkeypatch):
     assert [image.size for image in decoded] == [(300, 260), (150, 130)]  # 130 ≥ 4 × 32
     level = 1 / 255 / min(clip.OPENAI_STD)
     assert (reduced - full).abs().max() <= 3 * level + 1e-6
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../secret.jpg", "a/../../secret.jpg", "..\\secret.jpg",
+                                  "C:\\secret.jpg"])
+def test_file_names_outside_the_images_folder_are_left_out(tmp_path, name):
+    """As Winoground's reader: a file_name that is absolute or goes up with '..' is never read."""
+    root = write_coco(tmp_path / "coco", [entry(1)], [{"id": 10, "image_id": 1, "caption": "a cat"},
+                                                      {"id": 11, "image_id": 2, "caption": "a dog"}])
+    captions = root / "annotations" / "captions_train2017.json"
+    data = json.loads(captions.read_text())
+    captions.write_text(json.dumps(data | {"images": data["images"] + [entry(2, name)]}))
+    dataset = CocoCaptions(root, image_transform(IMAGE_SIZE))
+    assert dataset.files == [root / "train2017" / "000000000001.jpg"]
+    assert f"left out 1 images whose file_name is absolute or goes up with '..' (id 2: {name!r})" in dataset.summary()

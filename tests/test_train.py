@@ -13,8 +13,10 @@ naming the file or value; a non-finite loss, gradient or update stops the run, a
 it names holds weights that gave a finite loss.
 """
 
+import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DistributedSampler
 
 import train as train_py
+from test_clip import fake_cache, open_clip_model, save_open_clip
 from clip import Tokenizer, image_transform, load_clip
 from eval_winoground import Winoground, clip_scores, percentages, score_examples
 from sds import Mapper, NoiseSchedule
@@ -424,6 +427,58 @@ def test_resume_refuses_other_weights_or_captions(assets, reference_run, tmp_pat
     assert checkpoint_step(out / "checkpoint.safetensors") == N_STEPS + 1
 
 
+def another(value):
+    """A different value of a setting's type (check_resume compares settings by equality only)."""
+    if isinstance(value, bool):
+        return not value
+    return value + 1 if isinstance(value, (int, float)) else f"{value}-other"
+
+
+def test_resume_refuses_a_change_to_any_setting_outside_the_resumable_ones(tmp_path):
+    # The settings a resume may change, pinned: moving one into these sets is a decision, not an edit.
+    assert train_py.RESUMABLE_CHANGES == {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every",
+                                          "log_every", "device", "num_workers", "skip_bad_images",
+                                          "gradient_checkpointing", "winoground", "toy"}
+    assert train_py.SCHEDULE == {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
+    args = get_args(COMMON)
+    identity = {key: {"file": f"{key}.safetensors", "sha256": key * 10} for key in ("clip", "unet", "text_encoder",
+                                                                                    "captions")}
+    meta, path = {"settings": vars(args).copy(), "identity": identity}, tmp_path / "checkpoint.safetensors"
+    assert train_py.check_resume(path, meta, args, identity) == {}
+    defining = set(vars(args)) - train_py.RESUMABLE_CHANGES - train_py.SCHEDULE
+    assert {"seed", "sds_weight", "sds_mode", "batch_size", "grad_accum", "precision", "limit_images"} <= defining
+    for name, value in vars(args).items():  # every setting of the parser, one changed at a time
+        changed = argparse.Namespace(**vars(args) | {name: another(value)})
+        if name in defining:
+            with pytest.raises(SystemExit, match=re.escape(f"--{name} {value!r} → {another(value)!r}")):
+                train_py.check_resume(path, meta, changed, identity)
+        else:
+            expected = {name: [value, another(value)]} if name in train_py.SCHEDULE else {}
+            assert train_py.check_resume(path, meta, changed, identity) == expected, name
+    for key in identity:  # and every file the run trains from
+        other = identity | {key: {"file": "other.safetensors", "sha256": "f" * 64}}
+        with pytest.raises(SystemExit, match=f"not from other.safetensors .*resume with the same {key} file"):
+            train_py.check_resume(path, meta, args, other)
+
+
+def test_resume_refuses_another_sd_text_encoder_or_seed(assets, reference_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        identity = json.loads(f.metadata()["sds_clip"])["identity"]
+    assert set(identity) == {"clip", "unet", "text_encoder", "captions"}
+    sd = tmp_path / "sd"  # the same UNet and tokenizer, another text encoder
+    shutil.copytree(assets / "sd", sd)
+    torch.manual_seed(1)
+    perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_text_config()))).save_pretrained(
+        sd / "text_encoder")
+    with pytest.raises(SystemExit, match=re.escape(f"not from {sd / 'text_encoder' / 'model.safetensors'} (sha256")):
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume", sd=sd))
+    with pytest.raises(SystemExit, match="--seed 0 → 1"):
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume", "--seed", "1"))
+    assert checkpoint_step(out / "checkpoint.safetensors") == N_STEPS
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "no metadata", "older train.py"])
 def test_damaged_checkpoint_is_refused_in_one_line(assets, reference_run, tmp_path, damage):
     out = tmp_path / "out"
@@ -637,6 +692,114 @@ def test_save_checkpoint_refuses_nonfinite_state(tmp_path):
     with pytest.raises(ValueError, match="adamw.w.exp_avg_sq"):
         save_checkpoint(tmp_path / "b.safetensors", state, {"step": 2})
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_out_that_cannot_be_written_is_one_argparse_line(tmp_path, capsys):
+    """Checked before any model loads, rather than when the log is first written."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        get_args(["--out", str(tmp_path / "file" / "out")])
+    assert stopped.value.code == 2
+    assert f"--out {tmp_path / 'file' / 'out'} cannot be written" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_missing_default_weights_name_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no weights/ here
+    with pytest.raises(SystemExit) as stopped:
+        main(["--device", "cpu"])
+    assert str(stopped.value) == ("train.py: weights/clip-vit-base-patch32 and weights/stable-diffusion-v1-4 not "
+                                  "found — run `python weights/download.py clip-vit-base-patch32 "
+                                  "stable-diffusion-v1-4`")
+
+
+def test_winoground_parquet_without_pyarrow_is_one_line(assets, tmp_path, monkeypatch):
+    (tmp_path / "test.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments(assets, tmp_path / "out", "--winoground", str(tmp_path / "test.parquet")))
+    assert str(stopped.value).startswith(f"train.py: {tmp_path / 'test.parquet'} is a parquet file and reading it "
+                                         f"needs pyarrow (`pip install pyarrow`)")
+
+
+def test_resume_with_an_unreadable_winoground_image_stops_before_training(assets, reference_run, tmp_path):
+    """A resume scores Winoground first at the epoch's end: its images are read at the start instead."""
+    wino, out = tmp_path / "winoground", tmp_path / "out"
+    write_winoground(wino)
+    (wino / "images" / "ex_3_img_1.png").write_bytes(b"not a png")
+    shutil.copytree(reference_run, out)
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 2), "--resume", "--winoground", str(wino)))
+    assert str(stopped.value).startswith(f"train.py: {wino / 'images' / 'ex_3_img_1.png'} is not a readable image")
+    assert [r["step"] for r in log_records(out)] == list(range(1, N_STEPS + 1))  # no step was taken
+
+
+def edit_checkpoint(path: Path, edit) -> None:
+    """Rewrite a checkpoint after edit(metadata, tensors), as a user with a text editor and safetensors might."""
+    with safe_open(path, "pt") as f:
+        meta, state = json.loads(f.metadata()["sds_clip"]), {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, state)
+    save_file(state, path, metadata={"sds_clip": json.dumps(meta)})
+
+
+def first(state: dict, suffix: str) -> str:
+    return sorted(key for key in state if key.endswith(suffix))[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, s: m.update(settings=["lr", 5e-5]), "is not a checkpoint this train.py can resume (TypeError: "),
+    (lambda m, s: m.update(identity=["clip"]), "is not a checkpoint this train.py can resume (TypeError: "),
+    (lambda m, s: m["identity"].update(clip="abc"), "is not a checkpoint this train.py can resume (TypeError: "),
+    (lambda m, s: m.update(step="6"), "is not a checkpoint this train.py can resume (TypeError: "),
+    (lambda m, s: s.pop(first(s, ".exp_avg")), "holds AdamW moments that are missing or of the wrong shape: adamw."),
+    (lambda m, s: s.update({first(s, ".exp_avg_sq"): torch.ones(3)}), "holds AdamW moments that are missing or of "
+                                                                       "the wrong shape: adamw."),
+    (lambda m, s: s[first(s, "weight")].view(-1)[0].fill_(float("nan")),
+     "is not a checkpoint this train.py can resume (ValueError: NaN or infinite values in param."),
+])
+def test_hand_edited_checkpoint_is_refused_in_one_line(assets, reference_run, tmp_path, edit, message):
+    """Metadata of the wrong type, an AdamW moment missing or of another shape, NaN weights (train.py never saves
+    them: such a file is not "the last good checkpoint")."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    edit_checkpoint(out / "checkpoint.safetensors", edit)
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume"))
+    assert "\n" not in str(stopped.value) and message in str(stopped.value)
+    assert "last good" not in str(stopped.value)
+
+
+def test_log_that_is_not_utf8_on_resume_is_one_line(assets, reference_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 7, "note": "\xff"}\n')
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments(assets, out, "--max_steps", str(N_STEPS + 1), "--resume"))
+    assert str(stopped.value).startswith(f"train.py: {out / 'log.jsonl'} is not UTF-8 text (byte ")
+
+
+@pytest.mark.parametrize("weights", ["--clip hub id", "--sd hub id", "--clip open_clip folder"])
+def test_bring_your_own_weights_train_and_resume(assets, tmp_path, monkeypatch, weights):
+    """The README's commands: hub ids resolved in the local Hugging Face cache, and a LAION-style folder
+    (open_clip_model.safetensors + open_clip_config.json + the tokenizer files)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    if weights == "--clip hub id":
+        shutil.copytree(assets / "clip", fake_cache(tmp_path / "hub", "someone/tiny-clip"), dirs_exist_ok=True)
+        models = {"clip": "someone/tiny-clip"}
+    elif weights == "--sd hub id":
+        shutil.copytree(assets / "sd", fake_cache(tmp_path / "hub", "someone/tiny-sd"), dirs_exist_ok=True)
+        models = {"sd": "someone/tiny-sd"}
+    else:
+        save_open_clip(open_clip_model(quick_gelu=False), tmp_path / "laion" / "open_clip_model.safetensors")
+        (tmp_path / "laion" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 32}}))
+        write_tokenizer(tmp_path / "laion")
+        models = {"clip": tmp_path / "laion"}
+    out = tmp_path / "out"
+    main(arguments(assets, out, "--max_steps", "1", **models))
+    main(arguments(assets, out, "--max_steps", "2", "--resume", **models))
+    assert checkpoint_step(out / "checkpoint.safetensors") == 2
+    assert (out / "vocab.json").is_file() and load_clip(out)  # the export, with the source's tokenizer files
 
 
 # ----------------------------------------------------------------------------- Winoground, the toy world
