@@ -25,6 +25,13 @@ the local Hugging Face cache.
     python eval_winoground.py --sd weights/stable-diffusion-v1-4 --timesteps 20 --out out/sd.json
     python eval_winoground.py --toy --sd          # the toy world's SD on its test split (weights/toyworld.py)
 
+Every score comes with its 95 % bootstrap interval over examples (Winoground's 400 examples leave a
+group score of 8 uncertain by about ±2.6 points). Two runs on the same examples are compared per
+example: the difference with a paired bootstrap interval, and McNemar's exact test on the examples
+that only one of them gets right:
+
+    python eval_winoground.py --compare out/clip.json out/sds-clip.json
+
 The diffusion score costs 2 × 2 × timesteps UNet calls per example (×1.5 with the empty prompt):
 32,000 for Winoground at 20 timesteps: at ≈4 s per UNet call on a 2-core CPU, some 35 hours; use a GPU.
 """
@@ -32,12 +39,16 @@ The diffusion score costs 2 × 2 × timesteps UNet calls per example (×1.5 with
 import argparse
 import io
 import json
+import math
+import os
 import sys
+import tempfile
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -52,13 +63,17 @@ from vae import load_vae
 DEFAULT_DATA = "weights/winoground"
 DEFAULT_CLIP = "weights/clip-vit-base-patch32"
 DEFAULT_SD = "weights/stable-diffusion-v1-4"
-# --toy: the small world that weights/toyworld.py builds (a small CLIP, a small SD, Winoground-style splits).
-TOY_DIR = "weights/toy"
-TOY_DATA, TOY_CLIP, TOY_SD = f"{TOY_DIR}/data/test", f"{TOY_DIR}/clip", f"{TOY_DIR}/sd"
+# --toy: the small world of weights/toyworld.py (its models ship in weights/toy-models, its data is drawn on first use).
+TOY_DATA, TOY_CLIP, TOY_SD = "weights/toy/data/test", "weights/toy-models/clip", "weights/toy-models/sd"
 FIELDS = {"id": int, "image_0": str, "image_1": str, "caption_0": str, "caption_1": str,
           "tag": str, "secondary_tag": str, "num_main_preds": int, "collapsed_tag": str}
 IMAGE_EXTENSION = ".png"  # examples.jsonl names images without extension: "ex_0_img_0" → images/ex_0_img_0.png
+MAX_IMAGE_FILE_BYTES = 1 << 26  # an images.zip member may inflate to this: 9 × the pixels of a 1920 × 1280 RGB image
+MAX_RESOLUTION = 2048  # --resolution: 4 × SD 1.x's 512; far larger only runs out of memory
 PRECISIONS = ("bf16", "fp32")  # --precision
+METRICS = ("text", "image", "group")
+BOOTSTRAP_RESAMPLES = 2000  # --bootstrap; on 400 examples an interval's ends vary by ≈ 0.15 points (sd) across seeds
+BOOTSTRAP_SEED = 0  # the same resamples on every run: an interval is a function of the per-example credits alone
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -78,6 +93,26 @@ def group_correct(s) -> bool:
     return text_correct(s) and image_correct(s)
 
 
+def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95,
+                       seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(2, K): the percentile bootstrap interval of the column means of `values` (N, K), one row per
+    example: the central `level` of the means of `resamples` resamples of the N rows, drawn with
+    replacement. Two runs' credits side by side (or their difference) are resampled by example, together:
+    the paired bootstrap."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # (N, K)
+    rows = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))  # (R, N)
+    means = values[rows].mean(axis=1)  # (R, K)
+    return np.percentile(means, [50 * (1 - level), 50 * (1 + level)], axis=0)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact McNemar test of two models on the same examples, from the discordant pairs: b right only
+    for the first, c right only for the second. Under "equally good", X ~ Binomial(b + c, ½) and
+    p = min(1, 2·P(X ≤ min(b, c))) (two-sided); p = 1 when no example tells them apart."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -94,6 +129,13 @@ class Example:
     collapsed_tag: str
 
 
+def leaves_folder(name: str) -> bool:
+    """Whether a file name read from a dataset points outside the folder it is looked up in ("/etc/…", "../…",
+    "C:\\…"); PureWindowsPath splits at both / and \\."""
+    parts = PureWindowsPath(name)
+    return bool(PurePosixPath(name).is_absolute() or parts.anchor or ".." in parts.parts)
+
+
 def _check_fields(record: dict, where: str) -> None:
     """The nine Winoground fields with the right types, or a ValueError naming `where`."""
     missing = [name for name in FIELDS if name not in record]
@@ -107,10 +149,7 @@ def _check_fields(record: dict, where: str) -> None:
             raise ValueError(f"{where}: field {name!r} should be an integer, got {value!r}")
         if kind is str and not isinstance(value, str):
             raise ValueError(f"{where}: field {name!r} should be a string, got {value!r}")
-        # An image name is looked up inside images/: refuse one that points elsewhere ("/etc/…", "../…", "C:\…");
-        # PureWindowsPath splits at both / and \.
-        if name.startswith("image_") and (PurePosixPath(value).is_absolute() or PureWindowsPath(value).anchor
-                                          or ".." in PureWindowsPath(value).parts):
+        if name.startswith("image_") and leaves_folder(value):  # an image name is looked up inside images/
             raise ValueError(f"{where}: {name} {value!r} is an absolute path or goes up with '..'; Winoground "
                              f"names its images like 'ex_0_img_0', files inside images/")
 
@@ -180,10 +219,16 @@ class Winoground:
             try:
                 with zipfile.ZipFile(self.zip) as archive:
                     # The official zip holds images/ex_0_img_0.png …; look images up by file name only.
-                    self.members = {Path(m).name: m for m in archive.namelist() if not m.endswith("/")}
+                    infos = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
             except zipfile.BadZipFile:
                 raise ValueError(f"{self.zip} is not a readable zip file; download it again") from None
+            self.members = {name: info.filename for name, info in infos.items()}
             missing = [n for n in names if self._file_name(n) not in self.members]
+            huge = [infos[f] for f in map(self._file_name, names)
+                    if f in infos and infos[f].file_size > MAX_IMAGE_FILE_BYTES]
+            if huge:
+                raise ValueError(f"{self.zip}: {huge[0].filename} inflates to {huge[0].file_size:,} bytes, more than "
+                                 f"any image file (the limit is {MAX_IMAGE_FILE_BYTES:,}); download the dataset again")
             where = folder / "images.zip"
         else:
             raise FileNotFoundError(f"{folder} has examples.jsonl but neither images/ nor images.zip; "
@@ -233,10 +278,18 @@ class Winoground:
             source, where = io.BytesIO(self.image_bytes[name]), f"parquet image {name}"
         elif self.zip is not None:
             member = self.members[self._file_name(name)]
+            where = f"{self.zip}:{member}"
             # Opened per image (it costs about a millisecond): an open ZipFile shares its file
             # position with the DataLoader's forked workers and they would read each other's bytes.
-            with zipfile.ZipFile(self.zip) as archive:
-                source, where = io.BytesIO(archive.read(member)), f"{self.zip}:{member}"
+            try:
+                with zipfile.ZipFile(self.zip) as archive, archive.open(member) as file:
+                    data = file.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded: the size a zip lists can lie
+            except zipfile.BadZipFile as err:  # a bad CRC, say
+                raise ValueError(f"{where} cannot be read ({err}); download the dataset again") from None
+            if len(data) > MAX_IMAGE_FILE_BYTES:
+                raise ValueError(f"{where} inflates to more than {MAX_IMAGE_FILE_BYTES:,} bytes, more than any image "
+                                 f"file; download the dataset again")
+            source = io.BytesIO(data)
         else:
             source = where = self.root / self._file_name(name)
         try:
@@ -411,27 +464,89 @@ def score_examples(examples: list[Example], scores: torch.Tensor,
     return records
 
 
-def percentages(records: list[dict]) -> dict:
+def percentages(records: list[dict], resamples: int = 0) -> dict:
+    """n and the three scores in %; with `resamples`, "ci95": each score's 95 % bootstrap interval over examples."""
     n = len(records)
-    return {"n": n} | {key: 100 * sum(r[key] for r in records) / n for key in ("text", "image", "group")}
+    row = {"n": n} | {key: 100 * sum(r[key] for r in records) / n for key in METRICS}
+    if resamples:
+        low, high = 100 * bootstrap_interval([[r[key] for key in METRICS] for r in records], resamples)
+        row["ci95"] = {key: [lo, hi] for key, lo, hi in zip(METRICS, low.tolist(), high.tolist())}
+    return row
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[dict], resamples: int = 0) -> dict:
     """Overall and per-subset percentages: by collapsed_tag and by num_main_preds, as in the paper."""
-    summary = {"all": percentages(records)}
+    summary = {"all": percentages(records, resamples)}
     for key in ("collapsed_tag", "num_main_preds"):
         groups = defaultdict(list)
         for record in records:
             groups[record[key]].append(record)
         for value in sorted(groups):
-            summary[f"{key}={value}"] = percentages(groups[value])
+            summary[f"{key}={value}"] = percentages(groups[value], resamples)
     return summary
 
 
 def format_table(summary: dict, title: str) -> str:
-    lines = [title, f"{'subset':<26}{'n':>5}{'text':>8}{'image':>8}{'group':>8}"]
+    """One row per subset: n and each score, followed by its 95 % interval where the row has one."""
+    pad = " " * 15 if any("ci95" in row for row in summary.values()) else ""  # room for " [ 26.3,  35.3]"
+    lines = [title, (f"{'subset':<26}{'n':>5}" + "".join(f"{key:>8}{pad}" for key in METRICS)).rstrip()]
     for name, row in summary.items():
-        lines.append(f"{name:<26}{row['n']:>5}{row['text']:>8.2f}{row['image']:>8.2f}{row['group']:>8.2f}")
+        ci = row.get("ci95")
+        cells = [f"{row[key]:>8.2f}" + (" [{:5.1f}, {:5.1f}]".format(*ci[key]) if ci else pad) for key in METRICS]
+        lines.append(f"{name:<26}{row['n']:>5}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def read_run(path: str | Path) -> dict[int, list[bool]]:
+    """The text, image and group credits of each example of a run saved with --out, by example id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --compare takes two results files written with --out")
+    try:
+        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not written by this script
+        raise ValueError(f"{path} is not a results file of eval_winoground.py --out ({type(err).__name__}: "
+                         f"{err})") from None
+    flags = [credit for example in credits.values() for credit in example]
+    if not credits or len(credits) != len(examples) or not all(isinstance(credit, bool) for credit in flags):
+        raise ValueError(f"{path} holds no examples, repeats an example id or has credits that are not true/false: "
+                         f"write it again with eval_winoground.py --out")
+    return credits
+
+
+def compare_runs(path_a: str | Path, path_b: str | Path, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """Run B against run A on the same examples (matched by id): per score, both percentages, the
+    difference B − A in points with its paired bootstrap 95 % interval, the discordant examples
+    (right only in A, right only in B) and McNemar's exact p-value on them."""
+    a, b = read_run(path_a), read_run(path_b)
+    if a.keys() != b.keys():
+        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in the first, e.g. ids "
+                         f"{only_a[:5]}; {len(only_b)} only in the second, e.g. ids {only_b[:5]}): compare two runs "
+                         f"on the same examples (the same --data and --limit)")
+    ids = sorted(a)
+    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))  # (N, 3) each
+    low, high = 100 * bootstrap_interval(credit_b - credit_a, resamples)
+    n, metrics = len(ids), {}
+    for k, key in enumerate(METRICS):
+        right_a, right_b = int(credit_a[:, k].sum()), int(credit_b[:, k].sum())
+        only_a = int((credit_a[:, k] > credit_b[:, k]).sum())
+        only_b = int((credit_b[:, k] > credit_a[:, k]).sum())
+        metrics[key] = {"a": 100 * right_a / n, "b": 100 * right_b / n, "difference": 100 * (right_b - right_a) / n,
+                        "ci95": [float(low[k]), float(high[k])],
+                        "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
+    return {"a": str(path_a), "b": str(path_b), "n": n, "bootstrap_resamples": resamples, "metrics": metrics}
+
+
+def format_comparison(comparison: dict) -> str:
+    lines = [f"Winoground, B − A on {comparison['n']} examples scored by both: A = {comparison['a']}, "
+             f"B = {comparison['b']}",
+             f"{'':<8}{'A':>8}{'B':>8}{'B − A':>8}{'95 % interval':>18}{'only A':>8}{'only B':>8}{'McNemar p':>11}"]
+    for key, row in comparison["metrics"].items():
+        interval = "[{:+.1f}, {:+.1f}]".format(*row["ci95"])
+        lines.append(f"{key:<8}{row['a']:>8.2f}{row['b']:>8.2f}{row['difference']:>+8.2f}{interval:>18}"
+                     f"{row['only_a']:>8}{row['only_b']:>8}{row['mcnemar_p']:>11.3g}")
     return "\n".join(lines)
 
 
@@ -454,7 +569,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        f"images/ or images.zip, or parquet (default: {DEFAULT_DATA})")
     parser.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); default: the "
                                             "checkpoint's folder")
-    parser.add_argument("--out", help="write settings, totals and per-example scores to this JSON file")
+    parser.add_argument("--out", help="write settings, totals and per-example scores (with --compare: the comparison) "
+                                      "to this JSON file")
     parser.add_argument("--limit", type=int, help="score only the first N examples (quick runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); SD: UNet inputs "
@@ -471,27 +587,64 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "for --sd on CUDA, else fp32: CLIP's 800 images take seconds in float32)")
     parser.add_argument("--normalize_image_score", action="store_true",
                         help="SD: judge images on the error minus the empty-prompt error (DiffusionITM)")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
+                        help="resamples of the examples for the 95 %% intervals of every score (seeded)")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                        help="instead of scoring: B − A of two runs saved with --out, on the same examples, with a "
+                             "paired bootstrap 95 %% interval and McNemar's exact p-value")
     args = parser.parse_args(argv)
+    if args.compare and (args.clip is not None or args.sd is not None or args.toy):
+        parser.error("--compare reads two saved runs; it takes no --clip, --sd or --toy")
+    if args.bootstrap < 1:
+        parser.error("--bootstrap must be a positive number of resamples")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be a positive number of examples")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be positive")
-    if args.resolution is not None and args.resolution < 1:
-        parser.error("--resolution must be a positive number of pixels")
+    if args.resolution is not None and not 1 <= args.resolution <= MAX_RESOLUTION:
+        parser.error(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, got {args.resolution}")
+    if args.out and (Path(args.out).is_dir() or not can_write(Path(args.out).parent)):  # before hours of scoring
+        parser.error(f"--out {args.out} cannot be written (a folder, or a file or a read-only folder is in its way); "
+                     f"pass another --out")
     if args.workers is None:
         args.workers = 4 if torch.device(args.device).type == "cuda" else 0
     if args.workers < 0:
         parser.error("--workers must be 0 or more")
     # Paths the user did not spell out: the toy world's with --toy, else the real models and data.
+    if args.toy:
+        from weights.toyworld import build  # draws the toy data on first use; paths from wherever this runs
+        toy = build()
+        args.data = args.data or str(toy["test"])
+        args.clip = str(toy["clip"]) if args.clip == "" or (args.clip is None and args.sd is None) else args.clip
+        args.sd = str(toy["sd"]) if args.sd == "" else args.sd
     if args.data is None:
-        args.data = TOY_DATA if args.toy else DEFAULT_DATA
-    if args.clip == "" or (args.toy and args.clip is None and args.sd is None):
-        args.clip = TOY_CLIP if args.toy else DEFAULT_CLIP
+        args.data = DEFAULT_DATA
+    if args.clip == "":
+        args.clip = DEFAULT_CLIP
     if args.sd == "":
-        args.sd = TOY_SD if args.toy else DEFAULT_SD
+        args.sd = DEFAULT_SD
     if args.precision is None:  # as before --precision existed: the diffusion score in bf16 on CUDA
         args.precision = "bf16" if args.sd is not None and torch.device(args.device).type == "cuda" else "fp32"
     return args
+
+
+def can_write(folder: Path) -> bool:
+    """Whether files can be made in `folder`, making it first if need be (nothing is made here)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def write_results(results: dict, out: str) -> None:
+    """results.json to --out or, if that fails now that the work is done, to a temporary file: say where."""
+    text = json.dumps(results, indent=1) + "\n"
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    except OSError as err:
+        with tempfile.NamedTemporaryFile("w", prefix="winoground-", suffix=".json", delete=False) as kept:
+            kept.write(text)
+        sys.exit(f"error: --out {out} cannot be written ({err}); the results are in {kept.name}")
+    print(f"wrote {out}")
 
 
 def check_finite(values: torch.Tensor, examples: list[Example], model: str) -> None:
@@ -506,9 +659,6 @@ def check_finite(values: torch.Tensor, examples: list[Example], model: str) -> N
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Score Winoground as the command line asks; returns the results.json content."""
-    if args.toy and not Path(TOY_DIR).is_dir():
-        raise FileNotFoundError(f"{TOY_DIR} not found: the toy world is not built yet — run "
-                                f"`python weights/toyworld.py`")
     if args.clip is None and args.sd is None:
         if not Path(DEFAULT_CLIP).exists():
             raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — {DOWNLOAD_HINT}, "
@@ -517,7 +667,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     data = Winoground(args.data)
     examples = data.examples[: args.limit]
     settings = {"data": str(args.data), "examples": len(examples), "device": args.device, "precision": args.precision,
-                "torch": torch.__version__}
+                "bootstrap_resamples": args.bootstrap, "torch": torch.__version__}
     if args.clip is not None:
         clip_path = hub_path(args.clip)  # a hub id: its snapshot in the local Hugging Face cache
         model = load_clip(clip_path, args.device)
@@ -555,7 +705,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         records = score_examples(examples, scores, image_scores)
         title = f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, seed {args.seed}" + (
             ", image score normalised" if args.normalize_image_score else "")
-    summary = summarize(records)
+    summary = summarize(records, args.bootstrap)
     print(format_table(summary, f"{title} ({len(records)} examples; chance 25 / 25 / 16.67)"))
     return {"settings": settings, "totals": summary["all"], "subsets": summary, "examples": records}
 
@@ -563,11 +713,13 @@ def evaluate(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     arguments = parse_args()
     try:
-        results = evaluate(arguments)
+        if arguments.compare:
+            results = compare_runs(*arguments.compare, arguments.bootstrap)
+            print(format_comparison(results))
+        else:
+            results = evaluate(arguments)
     except (FileNotFoundError, ValueError, ImportError) as err:
         # One line: a DataLoader worker's error arrives as "Caught … Original Traceback … Type: message".
         sys.exit(f"error: {str(err).strip().splitlines()[-1].removeprefix(type(err).__name__ + ': ')}")
     if arguments.out:
-        Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(arguments.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {arguments.out}")
+        write_results(results, arguments.out)

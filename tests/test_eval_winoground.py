@@ -1,15 +1,20 @@
 """eval_winoground.py: data loading, the three metrics, the CLIP score against transformers'
 CLIPModel and the diffusion score against diffusers + transformers, on a synthetic
-Winoground-format folder and tiny random checkpoints written here."""
+Winoground-format folder and tiny random checkpoints written here; the bootstrap intervals and
+--compare against hand computations and binomial closed forms."""
 
 import gzip
+import inspect
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -177,6 +182,140 @@ def test_normalized_image_scores_judge_images_only():
     assert row["scores"] == raw[0].tolist() and row["image_scores"] == normalized[0].tolist()
 
 
+def test_normalize_image_score_subtracts_the_empty_prompt_error(monkeypatch, winoground):
+    """evaluate --sd --normalize_image_score on known errors e[n, c, i, k] (c = 2: the empty prompt):
+    images are judged on −mean_k (e[c, i, k] − e[∅, i, k]), captions on −mean_k e[c, i, k]."""
+    errors = 1 + torch.rand(len(records()), 3, 2, 2, generator=torch.Generator().manual_seed(0))  # (N, C, 2, T)
+    # Example 0 by hand, two timesteps around each mean: e(c0,i0) 1, e(c0,i1) 3, e(c1,i0) 2, e(c1,i1) 2.5,
+    # e(∅,i0) 1.5, e(∅,i1) 3 (image 1 is hard to denoise whatever the caption). Raw: caption 1 prefers image 0
+    # (−2 > −2.5), image ✗. Normalised: [[0.5, 0], [−0.5, 0.5]], image ✓ (either other empty error: ✗).
+    errors[0] = torch.tensor([[[0.75, 1.25], [2.0, 4.0]], [[2.5, 1.5], [2.5, 2.5]], [[1.0, 2.0], [3.5, 2.5]]])
+
+    signature = inspect.signature(ew.diffusion_errors)
+
+    def known_errors(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        assert call.arguments["unconditional"], "the empty prompt's errors were not asked for"
+        return errors[: len(call.arguments["examples"])]
+
+    monkeypatch.setattr(ew, "diffusion_errors", known_errors)
+    monkeypatch.setattr(ew.StableDiffusion, "from_pretrained", lambda *args: SimpleNamespace(resolution=16))
+    results = ew.evaluate(ew.parse_args(["--sd", "no-model-needed", "--data", str(winoground), "--timesteps", "2",
+                                         "--normalize_image_score", "--device", "cpu"]))
+    rows = results["examples"]
+    assert rows[0]["image_scores"] == [[0.5, 0.0], [-0.5, 0.5]] and rows[0]["scores"] == [[-1.0, -3.0], [-2.0, -2.5]]
+    assert (rows[0]["text"], rows[0]["image"], rows[0]["group"]) == (True, True, True)
+    for n, row in enumerate(rows):
+        e = errors[n].tolist()
+        raw = [[-(e[c][i][0] + e[c][i][1]) / 2 for i in (0, 1)] for c in (0, 1)]
+        normalised = [[-((e[c][i][0] - e[2][i][0]) + (e[c][i][1] - e[2][i][1])) / 2 for i in (0, 1)] for c in (0, 1)]
+        np.testing.assert_allclose(row["scores"], raw, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(row["image_scores"], normalised, rtol=0, atol=1e-6)
+        assert (row["text"], row["image"]) == (ew.text_correct(raw), ew.image_correct(normalised))
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def test_bootstrap_interval_is_the_percentiles_of_the_resampled_means():
+    values = np.array([[1, 0], [0, 0], [1, 1], [1, 0], [0, 1]])  # (N = 5 examples, K = 2 scores)
+    low, high = ew.bootstrap_interval(values, resamples=7, level=0.5, seed=3)
+    draws = np.random.default_rng(3).integers(0, 5, (7, 5))  # the same generator: resample r takes rows draws[r]
+    for k in range(2):
+        means = sorted(sum(values[row, k] for row in rows) / 5 for rows in draws)
+        # level ½: the 25th and 75th percentiles of 7 means, at positions ¼·6 = 1.5 and ¾·6 = 4.5 (linear)
+        assert (low[k], high[k]) == pytest.approx(((means[1] + means[2]) / 2, (means[4] + means[5]) / 2))
+
+
+def binomial_quantile(n: int, p: float, q: float) -> int:
+    """The smallest j with P(X ≤ j) ≥ q, X ~ Binomial(n, p)."""
+    cdf = np.cumsum([math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(n + 1)])
+    return int(np.argmax(cdf >= q))
+
+
+def test_bootstrap_interval_against_closed_forms():
+    # The mean of a resample of N credits, k of them right, is Binomial(N, k/N) / N: the interval's ends are its
+    # 2.5 % and 97.5 % quantiles, up to the resampling noise (sd ≈ 0.15 points at N = 400 and 2,000 resamples).
+    credits = np.arange(400) < 123  # 30.75 %, CLIP ViT-B/32's text score
+    low, high = 100 * ew.bootstrap_interval(credits)[:, 0]
+    assert abs(low - binomial_quantile(400, 0.3075, 0.025) / 4) < 0.6
+    assert abs(high - binomial_quantile(400, 0.3075, 0.975) / 4) < 0.6
+    assert (low, high) == pytest.approx((26.3, 35.3), abs=0.1)  # 30.75 ± 1.96·√(p(1 − p)/N) = [26.2, 35.3]
+    # By hand: of two examples one right, a resample has mean 0 or 1 with probability ¼ each: both beyond 2.5 %.
+    assert ew.bootstrap_interval([[True], [False]]).ravel().tolist() == [0.0, 1.0]
+    assert ew.bootstrap_interval(np.full((7, 1), 0.25)).ravel().tolist() == [0.25, 0.25]
+
+
+def test_intervals_on_every_subset_in_the_table_and_json():
+    examples = [ew.Example(**r) for r in records()]
+    rows = ew.score_examples(examples, torch.tensor([case[0] for case in METRIC_CASES[:5]]))
+    summary = ew.summarize(rows, resamples=500)
+    for name in ("all", "collapsed_tag=Object"):
+        subset = [r for r in rows if name == "all" or r["collapsed_tag"] == "Object"]
+        low, high = 100 * ew.bootstrap_interval([[r["text"], r["image"], r["group"]] for r in subset], 500)
+        assert summary[name]["ci95"] == {key: [low[k], high[k]] for k, key in enumerate(("text", "image", "group"))}
+        assert summary[name]["n"] == len(subset)
+    assert summary["collapsed_tag=Both"]["ci95"]["text"] == [0.0, 0.0]  # one example, wrong
+    table = ew.format_table(summary, "title").splitlines()
+    assert table[1] == "subset                        n    text                  image                  group"
+    (low, high), (low_image, high_image) = (summary["all"]["ci95"][key] for key in ("text", "image"))
+    assert table[2].startswith(f"all                           5   40.00 [{low:5.1f}, {high:5.1f}]   40.00 "
+                               f"[{low_image:5.1f}, {high_image:5.1f}]")
+    assert table[5] == "collapsed_tag=Relation        1  100.00 [100.0, 100.0]" + "    0.00 [  0.0,   0.0]" * 2
+    assert "ci95" not in ew.summarize(rows)["all"]  # train.py's log: the scores alone
+
+
+def write_run(path: Path, credits: dict[int, tuple[bool, bool, bool]]) -> Path:
+    """A results file as --out writes it, reduced to what --compare reads."""
+    examples = [{"id": i, "text": t, "image": im, "group": g} for i, (t, im, g) in credits.items()]
+    path.write_text(json.dumps({"settings": {}, "examples": examples}))
+    return path
+
+
+def test_mcnemar_p_by_hand():
+    assert ew.mcnemar_p(5, 0) == ew.mcnemar_p(0, 5) == 2 / 32  # 2 · P(X = 0), X ~ Binomial(5, ½)
+    assert ew.mcnemar_p(1, 9) == 2 * (1 + 10) / 1024
+    assert ew.mcnemar_p(0, 0) == ew.mcnemar_p(3, 3) == ew.mcnemar_p(2, 1) == 1.0
+    assert ew.mcnemar_p(0, 100) == 2 / 2**100
+
+
+def test_compare_two_runs_with_a_known_answer(tmp_path):
+    # 10 examples. text: A right on 0–7, B on 5–7, so B − A = −50 with b = 5, c = 0: McNemar p = 2/32, and the
+    # paired difference of a resample is −Binomial(10, ½)/10, whose 2.5 % and 97.5 % quantiles are −80 and −20
+    # (P(X ≤ 1) = 11/1024, P(X ≤ 2) = 56/1024; P(X ≤ 7) = 968/1024, P(X ≤ 8) = 1013/1024). Unpaired resamples
+    # (A ~ Bin(10, .8), B ~ Bin(10, .3)) would give a wider interval. image: the same credits, 0, [0, 0], p = 1.
+    # group: B also gets example 9: +10, c = 1, p = 1, interval [0, 30] (P(X ≤ 2) = .930, P(X ≤ 3) = .987 for
+    # X ~ Bin(10, .1)).
+    a = write_run(tmp_path / "a.json", {i: (i < 8, i % 3 == 0, i < 2) for i in range(10)})
+    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, i % 3 == 0, i < 2 or i == 9) for i in reversed(range(10))})
+    result = ew.compare_runs(a, b)
+    assert result["n"] == 10
+    text, image, group = (result["metrics"][key] for key in ("text", "image", "group"))
+    assert (text["a"], text["b"], text["difference"], text["ci95"]) == (80, 30, -50, [-80, -20])
+    assert (text["only_a"], text["only_b"], text["mcnemar_p"]) == (5, 0, 0.0625)
+    assert (image["difference"], image["ci95"], image["only_a"], image["only_b"], image["mcnemar_p"]) == (0, [0, 0], 0,
+                                                                                                       0, 1)
+    assert (group["difference"], group["ci95"], group["only_b"], group["mcnemar_p"]) == (10, [0, 30], 1, 1)
+    same = ew.compare_runs(a, a)["metrics"]
+    assert [(m["difference"], m["ci95"], m["mcnemar_p"]) for m in same.values()] == [(0, [0, 0], 1)] * 3
+
+
+def test_compare_script_prints_and_saves_and_refuses_other_examples(tmp_path):
+    a = write_run(tmp_path / "a.json", {i: (i < 8, True, False) for i in range(10)})
+    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, True, False) for i in range(10)})
+    done = run_script("--compare", str(a), str(b), "--out", str(tmp_path / "diff.json"))
+    assert done.returncode == 0, done.stderr
+    assert "text       80.00   30.00  -50.00    [-80.0, -20.0]       5       0     0.0625" in done.stdout
+    assert json.loads((tmp_path / "diff.json").read_text())["metrics"]["text"]["mcnemar_p"] == 0.0625
+    other = write_run(tmp_path / "other.json", {i: (True, True, True) for i in range(2, 12)})
+    with pytest.raises(ValueError, match=re.escape(f"{a} and {other} score different examples (2 only in the first, "
+                                                   f"e.g. ids [0, 1]; 2 only in the second, e.g. ids [10, 11])")):
+        ew.compare_runs(a, other)
+    (tmp_path / "broken.json").write_text('{"examples": [{"id": 0}]}')
+    with pytest.raises(ValueError, match="broken.json is not a results file of eval_winoground.py --out"):
+        ew.compare_runs(a, tmp_path / "broken.json")
+
+
 def test_timestep_grid():
     assert ew.timestep_grid(20).tolist() == list(range(25, 1000, 50))
     assert ew.timestep_grid(4).tolist() == [125, 375, 625, 875]
@@ -302,7 +441,7 @@ def test_examples_file_that_is_not_utf8_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../secret", "ex_0/../../secret", "..\\secret", "C:\\secret.png",
-                                  "\\\\server\\share\\x.png"])
+                                  "\\\\server\\share\\x.png", "\\secret", "\\secret.png"])
 def test_image_names_outside_the_images_folder_are_refused(tmp_path, name):
     (tmp_path / "secret.png").write_bytes(b"")
     lines = [json.dumps(r | ({"image_1": name} if r["id"] == 2 else {})) for r in records()]
@@ -320,6 +459,60 @@ def test_images_too_large_to_decode_are_one_sentence(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"images.zip:images/ex_1_img_0.png is too large to decode safely \(.*\), "
                                          r"so it is treated as unreadable; download the dataset again"):
         data.images(data[1])
+
+
+def test_zip_members_that_inflate_hugely_are_refused(tmp_path, monkeypatch):
+    """A few hundred KB of zip that inflate to more than any image file: refused from the listed size up front,
+    and read with a bound (a listed size can lie)."""
+    folder = write_winoground(tmp_path / "bomb", "zip")
+    with zipfile.ZipFile(folder / "images.zip") as archive:
+        members = {i.filename: archive.read(i) for i in archive.infolist() if i.filename != "images/ex_1_img_0.png"}
+    with zipfile.ZipFile(folder / "images.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.writestr("images/ex_1_img_0.png", bytes(ew.MAX_IMAGE_FILE_BYTES + 1))
+    assert (folder / "images.zip").stat().st_size < 500_000
+    with pytest.raises(ValueError, match=r"images.zip: images/ex_1_img_0.png inflates to 67,108,865 bytes, more than "
+                                         r"any image file \(the limit is 67,108,864\); download the dataset again"):
+        ew.Winoground(folder)
+    data = ew.Winoground(write_winoground(tmp_path / "good", "zip"))
+    monkeypatch.setattr(ew, "MAX_IMAGE_FILE_BYTES", 1000)  # the images are larger: as if their sizes were lies
+    with pytest.raises(ValueError, match=r"images.zip:images/ex_1_img_0.png inflates to more than 1,000 bytes"):
+        data.images(data[1])
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "results.json", tmp_path):  # a file stands in the way; a folder
+        with pytest.raises(SystemExit) as stopped:
+            ew.parse_args(["--out", str(out)])
+        assert stopped.value.code == 2
+        assert f"--out {out} cannot be written" in capsys.readouterr().err.splitlines()[-1]
+    assert ew.parse_args(["--out", str(tmp_path / "new" / "results.json")]).out  # a folder to make is fine
+    assert not (tmp_path / "new").exists()  # and the check makes nothing
+
+
+def test_results_that_cannot_be_written_at_the_end_are_kept_elsewhere(tmp_path, monkeypatch):
+    """--out was writable at the start and is not once the scores are ready (hours later): the results go to a
+    temporary file and the one-line error says where."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "results.json"
+    results = {"settings": {"data": "x"}, "examples": [{"id": 0, "group": True}]}
+    with pytest.raises(SystemExit) as stopped:
+        ew.write_results(results, str(out))
+    [kept] = (tmp_path / "tmp").glob("winoground-*.json")
+    assert json.loads(kept.read_text()) == results
+    assert str(stopped.value).startswith(f"error: --out {out} cannot be written (")
+    assert str(stopped.value).endswith(f"); the results are in {kept}")
+
+
+@pytest.mark.parametrize("resolution", ["0", "100000"])
+def test_resolution_out_of_range_is_one_argparse_line(resolution, capsys):
+    with pytest.raises(SystemExit):
+        ew.parse_args(["--sd", "--resolution", resolution])
+    assert f"--resolution must be between 1 and {ew.MAX_RESOLUTION} pixels" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- CLIP score
@@ -531,14 +724,13 @@ def test_v_prediction_models_are_refused(tmp_path, sd2_folder):
 
 
 def test_hub_ids_resolve_in_the_local_cache(tmp_path, monkeypatch, winoground, clip_folder, sd_folder):
-    """--sd and --clip take a hub id whose snapshot is in the Hugging Face cache (snapshots are links there too)."""
+    """--sd and --clip take a hub id whose snapshot is in the Hugging Face cache."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     for repo, target in [("someone/tiny-sd", sd_folder), ("someone/tiny-clip", clip_folder)]:
         cached = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
         (cached / "refs").mkdir(parents=True)
         (cached / "refs" / "main").write_text("c0ffee")
-        (cached / "snapshots").mkdir()
-        (cached / "snapshots" / "c0ffee").symlink_to(target)
+        shutil.copytree(target, cached / "snapshots" / "c0ffee")  # a link out of the cache would be refused
     sd = ew.StableDiffusion.from_pretrained("someone/tiny-sd")
     assert sd.unet.config.cross_attention_dim == 32
     results = ew.evaluate(ew.parse_args(["--clip", "someone/tiny-clip", "--data", str(winoground), "--limit", "2",
@@ -580,9 +772,14 @@ def test_script_clip_writes_results(tmp_path, winoground, clip_folder):
         assert (e["text"], e["image"], e["group"]) == (ew.text_correct(e["scores"]), ew.image_correct(e["scores"]),
                                                        ew.group_correct(e["scores"]))
     n = sum(e["text"] for e in results["examples"])
+    ci95 = results["totals"].pop("ci95")  # the 95 % intervals, from the saved credits and the default resamples
     assert results["totals"] == {"n": 4, "text": 25.0 * n, "image": 25.0 * sum(e["image"] for e in results["examples"]),
                                  "group": 25.0 * sum(e["group"] for e in results["examples"])}
-    assert f"all                           4{25.0 * n:>8.2f}" in done.stdout and "collapsed_tag=Object" in done.stdout
+    intervals = 100 * ew.bootstrap_interval([[e[key] for key in ew.METRICS] for e in results["examples"]])
+    assert ci95 == dict(zip(ew.METRICS, intervals.T.tolist())) and results["settings"]["bootstrap_resamples"] == 2000
+    low, high = ci95["text"]
+    assert f"all                           4{25.0 * n:>8.2f} [{low:5.1f}, {high:5.1f}]" in done.stdout
+    assert "ci95" in results["subsets"]["collapsed_tag=Object"] and "collapsed_tag=Object" in done.stdout
 
 
 def test_script_sd_is_deterministic(tmp_path, winoground, sd_folder):
@@ -668,39 +865,35 @@ def test_resolution_defaults_to_the_models_own(winoground, sd_folder):
 
 
 @pytest.fixture(scope="module")
-def toy_world(tmp_path_factory, clip_folder, sd_folder) -> Path:
-    """A folder laid out as weights/toyworld.py leaves it: weights/toy/{clip, sd, data/test, data/val}."""
+def toy_world(tmp_path_factory, clip_folder, sd_folder) -> dict[str, Path]:
+    """The paths weights/toyworld.py's build() returns: the models, the data splits."""
     root = tmp_path_factory.mktemp("toy")
-    shutil.copytree(clip_folder, root / "weights/toy/clip")
-    shutil.copytree(sd_folder, root / "weights/toy/sd")
+    shutil.copytree(clip_folder, root / "clip")
+    shutil.copytree(sd_folder, root / "sd")
     for split in ("test", "val"):
-        write_winoground(root / "weights/toy/data" / split)
-    return root
+        write_winoground(root / "data" / split)
+    return {"clip": root / "clip", "sd": root / "sd", "test": root / "data/test", "val": root / "data/val"}
 
 
 @pytest.mark.parametrize("flags, model, data", [
-    (["--toy"], "weights/toy/clip", "weights/toy/data/test"),
-    (["--toy", "--clip"], "weights/toy/clip", "weights/toy/data/test"),
-    (["--toy", "--sd", "--timesteps", "1"], "weights/toy/sd", "weights/toy/data/test"),
-    (["--toy", "--data", "weights/toy/data/val"], "weights/toy/clip", "weights/toy/data/val"),
-    (["--toy", "--clip", "CLIP"], "CLIP", "weights/toy/data/test"),  # an explicit model wins
+    (["--toy"], "clip", "test"),
+    (["--toy", "--clip"], "clip", "test"),
+    (["--toy", "--sd", "--timesteps", "1"], "sd", "test"),
+    (["--toy", "--data", "VAL"], "clip", "val"),
+    (["--toy", "--clip", "CLIP"], "CLIP", "test"),  # an explicit model wins
 ])
-def test_toy_flag(toy_world, clip_folder, monkeypatch, flags, model, data):
-    monkeypatch.chdir(toy_world)
-    flags = [str(clip_folder) if flag == "CLIP" else flag for flag in flags]
+def test_toy_flag(toy_world, clip_folder, monkeypatch, tmp_path, flags, model, data):
+    from weights import toyworld
+
+    monkeypatch.setattr(toyworld, "build", lambda: toy_world)  # --toy draws weights/toy/ on first use; here a copy
+    monkeypatch.chdir(tmp_path)  # from any folder
+    flags = [{"CLIP": str(clip_folder), "VAL": str(toy_world["val"])}.get(flag, flag) for flag in flags]
     results = ew.evaluate(ew.parse_args([*flags, "--limit", "2"]))
     settings = results["settings"]
-    model = str(clip_folder) if model == "CLIP" else model
-    assert (settings["model"], settings["data"], settings["examples"]) == (model, data, 2)
+    model = str(clip_folder) if model == "CLIP" else str(toy_world[model])
+    assert (settings["model"], settings["data"], settings["examples"]) == (model, str(toy_world[data]), 2)
     if "--sd" in flags:
         assert settings["resolution"] == 16  # the model's own
-
-
-def test_toy_flag_without_the_toy_world_says_how_to_build_it(tmp_path):
-    done = run_script("--toy", cwd=tmp_path)
-    assert done.returncode == 1
-    assert done.stderr.strip() == ("error: weights/toy not found: the toy world is not built yet — run "
-                                   "`python weights/toyworld.py`")
     assert ew.parse_args(["--sd"]).sd == "weights/stable-diffusion-v1-4"  # without --toy, the real defaults
     assert ew.parse_args([]).data == "weights/winoground" and ew.parse_args(["--clip"]).clip == ew.DEFAULT_CLIP
 
