@@ -29,33 +29,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-MAX_PERIOD = 10_000  # the longest wavelength of the sinusoidal timestep embedding, as in the Transformer
-TRANSFORMER_NORM_EPS = 1e-6  # the spatial transformer's GroupNorm (ResNet GroupNorms use config.norm_eps)
+# The longest wavelength of the sinusoidal timestep embedding, as in the Transformer.
+MAX_PERIOD = 10_000
+# The spatial transformer's GroupNorm (ResNet GroupNorms use config.norm_eps).
+TRANSFORMER_NORM_EPS = 1e-6
 LAYER_NORM_EPS = 1e-5  # the transformer blocks' LayerNorms
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' "fp16" variant
 # Activations and conv weights are kept (B, H, W, C) in memory: oneDNN's and cuDNN's convolutions
-# are faster in that layout, and the transformers' (B, C, H, W) → (B, H·W, C) reshape becomes a view.
+# are faster in that layout, and the transformers' (B, C, H, W) → (B, H·W, C) reshape becomes a
+# view.
 CHANNELS_LAST = torch.channels_last
-DOWNLOAD_HINT = "run `python weights/download.py`"
-# config.json fields that select designs other than SD 1.x / 2.x (SDXL, class-conditioned, ...),
-# with the only value this file implements. Fields not listed here and not in UNetConfig do not
-# change the computation at inference (dropout, upcast_attention: SDPA accumulates in fp32 anyway).
-REQUIRED_VALUES = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "center_input_sample": False,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "num_attention_heads": None, "only_cross_attention": False,
-    "mid_block_only_cross_attention": None, "dual_cross_attention": False, "class_embed_type": None,
-    "num_class_embeds": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1.0, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
-    "cross_attention_norm": None,
-}
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 @dataclass
@@ -81,89 +63,24 @@ class UNetConfig:
 
     @property
     def heads(self) -> tuple[int, ...]:
-        """Attention heads of each down block (the up blocks use them in reverse, the mid block the last)."""
+        """Attention heads of each down block (the up blocks use them in reverse, the mid block
+        the last)."""
         h = self.attention_head_dim
         return tuple(h) if isinstance(h, (list, tuple)) else (h,) * len(self.block_out_channels)
 
     @classmethod
     def from_json(cls, file: Path) -> "UNetConfig":
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it again.") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object; {DOWNLOAD_HINT} to fetch "
-                             f"it again.")
-        other = _other_model(raw)
-        if other:
-            sibling = file.parent.parent / "unet"
-            raise ValueError(f"{file} describes {other}, not a UNet; pass the unet/ folder of a Stable Diffusion "
-                             f"checkpoint{f' ({sibling})' if sibling.is_dir() else ''}.")
-        for field, wanted in REQUIRED_VALUES.items():
-            value = raw.get(field, wanted)
-            values = value if isinstance(value, list) else [value]  # per-block lists must hold the value throughout
-            if any(v != wanted for v in values):
-                raise ValueError(f"{file} sets {field} = {value!r}, which unet.py does not implement (it needs "
-                                 f"{wanted!r}: the Stable Diffusion 1.x/2.x UNet2DConditionModel; SDXL and "
-                                 "class-conditioned UNets are not supported).")
-        values = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
-        for f in fields(cls):
-            if f.name in values and not _matches(values[f.name], f.type):
-                kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # "int", "tuple[int, ...]"
-                raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type {kind}; fix it "
-                                 f"or {DOWNLOAD_HINT} to fetch it again.")
-        config = cls(**values)
-        if not config.block_out_channels:
-            raise ValueError(f"{file} sets block_out_channels = [], which must list at least one width; fix it or "
-                             f"{DOWNLOAD_HINT} to fetch it again.")
-        checks = {
-            "down_block_types": all(b in DOWN_BLOCK_TYPES for b in config.down_block_types),
-            "up_block_types": all(b in UP_BLOCK_TYPES for b in config.up_block_types),
-            "attention_head_dim": len(config.heads) == len(config.block_out_channels),
-        }
-        for field, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{file} sets {field} = {raw[field]!r}, which unet.py does not implement "
-                                 "(the Stable Diffusion 1.x/2.x UNet2DConditionModel).")
-        for name in ("block_out_channels", "down_block_types", "up_block_types"):
-            setattr(config, name, tuple(getattr(config, name)))
-        # Each attention splits its block's width into equal heads: check every block that has one
-        # (down i, up i, which uses the heads of down block −1−i, and the mid block, the last's).
-        widths, heads = config.block_out_channels, config.heads
-        used = [i for i, kind in enumerate(config.down_block_types) if kind.startswith("CrossAttn")]
-        used += [len(widths) - 1 - i for i, kind in enumerate(config.up_block_types) if kind.startswith("CrossAttn")]
-        for i in sorted({*used, len(widths) - 1}):
-            if heads[i] < 1 or widths[i] % heads[i]:
-                raise ValueError(f"{file} gives block {i} (width {widths[i]}) {heads[i]} attention heads "
-                                 f"(attention_head_dim), which do not divide its width; fix it or {DOWNLOAD_HINT}.")
-        return config
+        """Read and check a diffusers config.json (see _config_from_json, with the loader)."""
+        return _config_from_json(cls, file)
 
 
-def _matches(value, kind) -> bool:
-    """isinstance for UNetConfig's annotations: int, float, bool, str, tuple[X, ...] (a JSON list), unions."""
-    if isinstance(kind, types.UnionType):
-        return any(_matches(value, k) for k in typing.get_args(kind))
-    if typing.get_origin(kind) is tuple:
-        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0]) for v in value)
-    if kind is float:  # JSON writes 1.0 as 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:  # bool is an int to Python, not to a config
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
+# ----------------------------------------------------------------------------- model
 
 
-def _other_model(raw: dict) -> str | None:
-    """What a config.json that is not a UNet2DConditionModel's describes, in words (None for a UNet)."""
-    if "model_type" in raw:  # a transformers config: SD's text_encoder/, or a CLIP
-        kinds = {"clip_text_model": "a CLIP text encoder (transformers' CLIPTextModel)", "clip": "a CLIP model"}
-        return kinds.get(str(raw["model_type"]), f"a transformers model of type {raw['model_type']!r}")
-    if raw.get("_class_name") == "AutoencoderKL":
-        return "a VAE (AutoencoderKL)"
-    return None  # another diffusers class: REQUIRED_VALUES names it
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: int) -> torch.Tensor:
-    """(B,) timesteps → (B, dim): [cos(t·ω_i), sin(t·ω_i)], ω_i = MAX_PERIOD^(−i / (dim/2 − freq_shift))."""
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool,
+                       freq_shift: int) -> torch.Tensor:
+    """(B,) timesteps → (B, dim): [cos(t·ω_i), sin(t·ω_i)],
+    ω_i = MAX_PERIOD^(−i / (dim/2 − freq_shift))."""
     half = dim // 2
     omega = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
                       / (half - freq_shift))
@@ -185,7 +102,8 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """x + conv(SiLU(norm(conv(SiLU(norm(x))) + W·SiLU(emb)))), a 1×1 conv on the skip when the width changes."""
+    """x + conv(SiLU(norm(conv(SiLU(norm(x))) + W·SiLU(emb)))), a 1×1 conv on the skip when the
+    width changes."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, config: UNetConfig):
         super().__init__()
@@ -195,7 +113,8 @@ class ResnetBlock(nn.Module):
         self.time_emb_proj = nn.Linear(emb_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
+                              if in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # emb is SiLU(timestep embedding), shared by every block. In place where nothing needs the
@@ -208,7 +127,8 @@ class ResnetBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of x (B, T, dim) to context (B, S, context_dim); self-attention without context."""
+    """Multi-head attention of x (B, T, dim) to context (B, S, context_dim); self-attention
+    without context."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
@@ -216,7 +136,8 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # to_out.0 (diffusers' to_out.1 is a dropout)
+        # to_out.0 (diffusers' to_out.1 is a dropout)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -227,7 +148,8 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """The gated GELU of Shazeer 2020 (https://arxiv.org/abs/2002.05202): a · GELU(b), [a, b] = proj(x)."""
+    """The gated GELU of Shazeer 2020 (https://arxiv.org/abs/2002.05202): a · GELU(b),
+    [a, b] = proj(x)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -243,8 +165,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        # net.0 the GEGLU, net.1 a dropout (no weights), net.2 the output linear: diffusers' indices.
-        self.net = nn.ModuleList([GEGLU(dim, self.FF_MULT * dim), nn.Identity(), nn.Linear(self.FF_MULT * dim, dim)])
+        # net.0 the GEGLU, net.1 a dropout (no weights), net.2 the output linear: diffusers'
+        # indices.
+        self.net = nn.ModuleList([GEGLU(dim, self.FF_MULT * dim), nn.Identity(),
+                                  nn.Linear(self.FF_MULT * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -263,23 +187,26 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Residuals added in place into each sublayer's fresh output (which its backward does not need),
-        # which saves one activation-sized allocation per line.
+        # Residuals added in place into each sublayer's fresh output (which its backward does not
+        # need), which saves one activation-sized allocation per line.
         x = self.attn1(self.norm1(x)).add_(x)  # x = x + attn1(norm1(x))
         x = self.attn2(self.norm2(x), context).add_(x)  # x = x + attn2(norm2(x), context)
         return self.ff(self.norm3(x)).add_(x)  # x = x + ff(norm3(x))
 
 
 class SpatialTransformer(nn.Module):
-    """diffusers' Transformer2DModel: the H×W positions as tokens through one TransformerBlock, plus a residual."""
+    """diffusers' Transformer2DModel: the H×W positions as tokens through one TransformerBlock,
+    plus a residual."""
 
     def __init__(self, channels: int, heads: int, config: UNetConfig):
         super().__init__()
         self.linear = config.use_linear_projection
-        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = ((lambda: nn.Linear(channels, channels)) if self.linear
+                else (lambda: nn.Conv2d(channels, channels, 1)))
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, config.cross_attention_dim, heads)])
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, config.cross_attention_dim, heads)])
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -314,16 +241,19 @@ class Upsample(nn.Module):
 
 
 class UNetBlock(nn.Module):
-    """One resolution level: resnets[i] (each followed by attentions[i] in a CrossAttn block), then a
-    down/upsampler. Only holds the layers; UNet.forward runs them, as it owns the skip connections."""
+    """One resolution level: resnets[i] (each followed by attentions[i] in a CrossAttn block),
+    then a down/upsampler. Only holds the layers; UNet.forward runs them, as it owns the skip
+    connections."""
 
-    def __init__(self, in_channels: list[int], out_channels: int, heads: int | None, config: UNetConfig,
-                 downsample: bool = False, upsample: bool = False, attentions: int | None = None):
+    def __init__(self, in_channels: list[int], out_channels: int, heads: int | None,
+                 config: UNetConfig, downsample: bool = False, upsample: bool = False,
+                 attentions: int | None = None):
         super().__init__()
         emb_dim = 4 * config.block_out_channels[0]
         self.resnets = nn.ModuleList(ResnetBlock(c, out_channels, emb_dim, config) for c in in_channels)
         attentions = (len(in_channels) if attentions is None else attentions) if heads is not None else 0
-        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, heads, config) for _ in range(attentions))
+        self.attentions = nn.ModuleList(SpatialTransformer(out_channels, heads, config)
+                                        for _ in range(attentions))
         if downsample:
             self.downsamplers = nn.ModuleList([Downsample(out_channels, config.downsample_padding)])
         if upsample:
@@ -334,7 +264,8 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        self.gradient_checkpointing = False  # recompute each ResNet/transformer in backward to save memory
+        # Recompute each ResNet/transformer in backward to save memory.
+        self.gradient_checkpointing = False
         widths, heads, n = config.block_out_channels, config.heads, config.layers_per_block
         self.time_embedding = TimestepEmbedding(widths[0], 4 * widths[0])
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
@@ -344,8 +275,8 @@ class UNet(nn.Module):
         for i, (kind, width) in enumerate(zip(config.down_block_types, widths)):
             last = i == len(widths) - 1
             self.down_blocks.append(UNetBlock([widths[max(i - 1, 0)]] + [width] * (n - 1), width,
-                                              heads[i] if kind.startswith("CrossAttn") else None, config,
-                                              downsample=not last))
+                                              heads[i] if kind.startswith("CrossAttn") else None,
+                                              config, downsample=not last))
             skips += [width] * (n + (not last))
         # The mid block: resnet, attention, resnet.
         self.mid_block = UNetBlock([widths[-1]] * 2, widths[-1], heads[-1], config, attentions=1)
@@ -354,9 +285,11 @@ class UNet(nn.Module):
         width = widths[-1]
         for i, kind in enumerate(config.up_block_types):
             out = widths[-1 - i]
-            # Each of the n + 1 resnets takes the previous output concatenated with one skip (popped last first).
+            # Each of the n + 1 resnets takes the previous output concatenated with one skip
+            # (popped last first).
             ins = [(width if j == 0 else out) + skips.pop() for j in range(n + 1)]
-            self.up_blocks.append(UNetBlock(ins, out, heads[-1 - i] if kind.startswith("CrossAttn") else None,
+            self.up_blocks.append(UNetBlock(ins, out,
+                                            heads[-1 - i] if kind.startswith("CrossAttn") else None,
                                             config, upsample=i < len(widths) - 1))
             width = out
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, widths[0], eps=config.norm_eps)
@@ -406,15 +339,141 @@ class UNet(nn.Module):
 
     def _check_inputs(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
         c, f = self.config, 2 ** (len(self.config.block_out_channels) - 1)
-        if latents.ndim != 4 or latents.shape[1] != c.in_channels or latents.shape[2] % f or latents.shape[3] % f:
-            raise ValueError(f"UNet expects latents of shape (B, {c.in_channels}, H, W) with H and W multiples of "
-                             f"{f} (the UNet halves them {len(c.block_out_channels) - 1} times), got "
-                             f"{tuple(latents.shape)}; for SD use images whose sides are multiples of {8 * f}.")
-        if context.ndim != 3 or context.shape[0] != latents.shape[0] or context.shape[2] != c.cross_attention_dim:
-            raise ValueError(f"UNet expects context of shape ({latents.shape[0]}, S, {c.cross_attention_dim}) "
-                             f"(the text encoder's last hidden state), got {tuple(context.shape)}.")
+        if (latents.ndim != 4 or latents.shape[1] != c.in_channels
+                or latents.shape[2] % f or latents.shape[3] % f):
+            raise ValueError(f"UNet expects latents of shape (B, {c.in_channels}, H, W) with H "
+                             f"and W multiples of {f} (the UNet halves them "
+                             f"{len(c.block_out_channels) - 1} times), got {tuple(latents.shape)}; "
+                             f"for SD use images whose sides are multiples of {8 * f}.")
+        if (context.ndim != 3 or context.shape[0] != latents.shape[0]
+                or context.shape[2] != c.cross_attention_dim):
+            raise ValueError(f"UNet expects context of shape "
+                             f"({latents.shape[0]}, S, {c.cross_attention_dim}) (the text "
+                             f"encoder's last hidden state), got {tuple(context.shape)}.")
         if t.numel() not in (1, latents.shape[0]):
-            raise ValueError(f"UNet expects one timestep or one per sample ({latents.shape[0]}), got {t.numel()}.")
+            raise ValueError(f"UNet expects one timestep or one per sample ({latents.shape[0]}), "
+                             f"got {t.numel()}.")
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' "fp16" variant
+DOWNLOAD_HINT = "run `python weights/download.py`"
+# config.json fields that select designs other than SD 1.x / 2.x (SDXL, class-conditioned, ...),
+# with the only value this file implements. Fields not listed here and not in UNetConfig do not
+# change the computation at inference (dropout, upcast_attention: SDPA accumulates in fp32 anyway).
+REQUIRED_VALUES = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "num_attention_heads": None,
+    "only_cross_attention": False, "mid_block_only_cross_attention": None,
+    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "attention_type": "default", "cross_attention_norm": None,
+}
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _config_from_json(cls, file: Path) -> UNetConfig:
+    """UNetConfig.from_json: the config.json of a Stable Diffusion 1.x/2.x UNet2DConditionModel, or
+    one ValueError that names the file, the field and what to do."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it "
+                         f"again.") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object; "
+                         f"{DOWNLOAD_HINT} to fetch it again.")
+    other = _other_model(raw)
+    if other:
+        sibling = file.parent.parent / "unet"
+        raise ValueError(f"{file} describes {other}, not a UNet; pass the unet/ folder of a Stable "
+                         f"Diffusion checkpoint{f' ({sibling})' if sibling.is_dir() else ''}.")
+    for field, wanted in REQUIRED_VALUES.items():
+        value = raw.get(field, wanted)
+        # per-block lists must hold the value throughout
+        values = value if isinstance(value, list) else [value]
+        if any(v != wanted for v in values):
+            raise ValueError(f"{file} sets {field} = {value!r}, which unet.py does not implement "
+                             f"(it needs {wanted!r}: the Stable Diffusion 1.x/2.x "
+                             "UNet2DConditionModel; SDXL and class-conditioned UNets are not "
+                             "supported).")
+    values = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
+    for f in fields(cls):
+        if f.name in values and not _matches(values[f.name], f.type):
+            # "int", "tuple[int, ...]"
+            kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+            raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type "
+                             f"{kind}; fix it or {DOWNLOAD_HINT} to fetch it again.")
+    config = cls(**values)
+    _check_blocks(config, raw, file)
+    for name in ("block_out_channels", "down_block_types", "up_block_types"):
+        setattr(config, name, tuple(getattr(config, name)))
+    return config
+
+
+def _check_blocks(config: UNetConfig, raw: dict, file: Path) -> None:
+    """Refuse block lists this file does not build, and heads that do not divide a block's width."""
+    if not config.block_out_channels:
+        raise ValueError(f"{file} sets block_out_channels = [], which must list at least one "
+                         f"width; fix it or {DOWNLOAD_HINT} to fetch it again.")
+    checks = {
+        "down_block_types": all(b in DOWN_BLOCK_TYPES for b in config.down_block_types),
+        "up_block_types": all(b in UP_BLOCK_TYPES for b in config.up_block_types),
+        "attention_head_dim": len(config.heads) == len(config.block_out_channels),
+    }
+    for field, ok in checks.items():
+        if not ok:
+            raise ValueError(f"{file} sets {field} = {raw[field]!r}, which unet.py does not "
+                             "implement (the Stable Diffusion 1.x/2.x UNet2DConditionModel).")
+    # Each attention splits its block's width into equal heads: check every block that has one
+    # (down i, up i, which uses the heads of down block −1−i, and the mid block, the last's).
+    widths, heads = config.block_out_channels, config.heads
+    used = [i for i, kind in enumerate(config.down_block_types) if kind.startswith("CrossAttn")]
+    used += [len(widths) - 1 - i for i, kind in enumerate(config.up_block_types)
+             if kind.startswith("CrossAttn")]
+    for i in sorted({*used, len(widths) - 1}):
+        if heads[i] < 1 or widths[i] % heads[i]:
+            raise ValueError(f"{file} gives block {i} (width {widths[i]}) {heads[i]} attention "
+                             f"heads (attention_head_dim), which do not divide its width; fix it "
+                             f"or {DOWNLOAD_HINT}.")
+
+
+def _matches(value, kind) -> bool:
+    """isinstance for UNetConfig's annotations: int, float, bool, str, tuple[X, ...] (a JSON list),
+    unions."""
+    if isinstance(kind, types.UnionType):
+        return any(_matches(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0])
+                                                        for v in value)
+    if kind is float:  # JSON writes 1.0 as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:  # bool is an int to Python, not to a config
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _other_model(raw: dict) -> str | None:
+    """What a config.json that is not a UNet2DConditionModel's describes, in words (None for a
+    UNet)."""
+    if "model_type" in raw:  # a transformers config: SD's text_encoder/, or a CLIP
+        kinds = {"clip_text_model": "a CLIP text encoder (transformers' CLIPTextModel)",
+                 "clip": "a CLIP model"}
+        return kinds.get(str(raw["model_type"]),
+                         f"a transformers model of type {raw['model_type']!r}")
+    if raw.get("_class_name") == "AutoencoderKL":
+        return "a VAE (AutoencoderKL)"
+    return None  # another diffusers class: REQUIRED_VALUES names it
 
 
 def _first_keys(keys) -> str:
@@ -423,9 +482,10 @@ def _first_keys(keys) -> str:
 
 
 def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when any
-    element is, so one fast reduction per tensor (and one device sync for all) finds the candidates;
-    an exact test then clears those whose sum merely overflowed (a float16 sum past 65504, say)."""
+    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when
+    any element is, so one fast reduction per tensor (and one device sync for all) finds the
+    candidates; an exact test then clears those whose sum merely overflowed (a float16 sum past
+    65504, say)."""
     names = sorted(k for k, v in state_dict.items() if v.is_floating_point() and v.numel())
     if not names:
         return []
@@ -434,57 +494,69 @@ def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in candidates if not state_dict[k].isfinite().all()]
 
 
-def load_unet(path, device="cpu", dtype=torch.float32) -> UNet:
-    """Load a diffusers-format UNet: the unet/ folder (config.json + safetensors) or a bare .safetensors file."""
-    path = Path(path)
+def _config_and_weights(path: Path) -> tuple[UNetConfig, Path, str]:
+    """The config, the weights file and, for messages, what the weights must match: a unet/
+    folder's config.json, or for a bare file the SD 1.x design."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion weights.")
-    if path.is_dir():
-        if (path / "unet").is_dir() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder, "
-                                    f"pass {path / 'unet'}.")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
-        config = UNetConfig.from_json(path / "config.json")
-        file = next((path / name for name in (WEIGHTS_NAME, FP16_WEIGHTS_NAME) if (path / name).is_file()), None)
-        if file is None:
-            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {FP16_WEIGHTS_NAME}; {DOWNLOAD_HINT}.")
-        described = f"the UNet that {path / 'config.json'} describes"
-    else:  # a bare file: the SD 1.x design, checked against the tensors below
-        config, file = UNetConfig(), path
-        described = "the SD 1.x UNet (assumed for a bare file; pass its folder to use its config.json)"
+        raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion "
+                                f"weights.")
+    if not path.is_dir():  # a bare file: the SD 1.x design, checked against the tensors
+        described = ("the SD 1.x UNet (assumed for a bare file; pass its folder to use its "
+                     "config.json)")
+        return UNetConfig(), path, described
+    if (path / "unet").is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder, "
+                                f"pass {path / 'unet'}.")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
+    config = UNetConfig.from_json(path / "config.json")
+    names = (WEIGHTS_NAME, FP16_WEIGHTS_NAME)
+    file = next((path / name for name in names if (path / name).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {FP16_WEIGHTS_NAME}; "
+                                f"{DOWNLOAD_HINT}.")
+    return config, file, f"the UNet that {path / 'config.json'} describes"
+
+
+def load_unet(path, device="cpu", dtype=torch.float32) -> UNet:
+    """Load a diffusers-format UNet: the unet/ folder (config.json + safetensors) or a bare
+    .safetensors file."""
+    config, file, described = _config_and_weights(Path(path))
     try:
         state_dict = load_file(file)
-    except Exception as err:  # safetensors raises its own error types for a bad header or a short file
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt, "
-                         f"{DOWNLOAD_HINT} to fetch it again.") from None
+    except Exception as err:  # safetensors has its own error types for a bad header or a short file
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated "
+                         f"or corrupt, {DOWNLOAD_HINT} to fetch it again.") from None
 
     with torch.device("meta"):  # shapes only; the real tensors come from the file
         model = UNet(config)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
     if missing or unexpected:
-        hint = "" if missing != expected.keys() else " (it holds no UNet weights: is it a VAE or CLIP file?)"
+        hint = ("" if missing != expected.keys()
+                else " (it holds no UNet weights: is it a VAE or CLIP file?)")
         problems = " and ".join(f"{len(keys)} {kind} keys [{_first_keys(keys)}]"
-                                for kind, keys in [("missing", missing), ("unexpected", unexpected)] if keys)
+                                for kind, keys in [("missing", missing), ("unexpected", unexpected)]
+                                if keys)
         raise ValueError(f"{file} does not match {described}{hint}: {problems}; "
                          f"point to a Stable Diffusion unet/ folder or {DOWNLOAD_HINT}.")
     wrong = [f"{k} {tuple(state_dict[k].shape)} ≠ {shape}" for k, shape in expected.items()
              if tuple(state_dict[k].shape) != shape]
     if wrong:
-        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: [{_first_keys(wrong)}]; "
-                         f"check config.json or {DOWNLOAD_HINT}.")
+        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: "
+                         f"[{_first_keys(wrong)}]; check config.json or {DOWNLOAD_HINT}.")
     model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
     # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
     # file, to tell a damaged file from values that overflow `dtype`.
     bad = _non_finite(model.state_dict())
     if bad and _non_finite({k: state_dict[k] for k in bad}):
-        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors [{_first_keys(bad)}]; the file "
-                         f"is damaged or was saved from a run that diverged: {DOWNLOAD_HINT} to fetch it again.")
+        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors "
+                         f"[{_first_keys(bad)}]; the file is damaged or was saved from a run that "
+                         f"diverged: {DOWNLOAD_HINT} to fetch it again.")
     if bad:
-        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors [{_first_keys(bad)}]; "
-                         f"load it in torch.float32 or torch.bfloat16.")
+        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors "
+                         f"[{_first_keys(bad)}]; load it in torch.float32 or torch.bfloat16.")
     return model
 
 
@@ -501,8 +573,9 @@ def save_unet(model: UNet, folder) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="One denoising step of the SD UNet on a random latent, "
-                                                 "empty conditioning; prints the noise-prediction error.")
+    parser = argparse.ArgumentParser(description="One denoising step of the SD UNet on a random "
+                                                 "latent, empty conditioning; prints the "
+                                                 "noise-prediction error.")
     parser.add_argument("sd_folder", nargs="?", default="weights/stable-diffusion-v1-4",
                         help="Stable Diffusion folder (its unet/ subfolder is loaded)")
     parser.add_argument("--t", type=int, default=500, help="timestep in [0, 1000)")
@@ -514,12 +587,14 @@ if __name__ == "__main__":
     BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # SD's "scaled_linear" schedule
     alpha_bar = torch.cumprod(1 - BETAS, dim=0)[args.t]
     size = unet.config.sample_size
-    z0 = torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    z0 = torch.randn(1, unet.config.in_channels, size, size,
+                     generator=torch.Generator().manual_seed(0))
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
     z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
     context = torch.zeros(1, 77, unet.config.cross_attention_dim)  # a stand-in for the empty prompt
     with torch.no_grad():
         eps_hat = unet(z_t, args.t, context)
     mse = (eps_hat - noise).pow(2).mean().item()
-    print(f"latents {tuple(z_t.shape)}, context {tuple(context.shape)} → ε̂ {tuple(eps_hat.shape)}; "
-          f"t={args.t}: mean (ε̂ − ε)² = {mse:.4f} (1.0 would be no better than predicting zero)")
+    print(f"latents {tuple(z_t.shape)}, context {tuple(context.shape)} → "
+          f"ε̂ {tuple(eps_hat.shape)}; t={args.t}: mean (ε̂ − ε)² = {mse:.4f} "
+          f"(1.0 would be no better than predicting zero)")
