@@ -79,6 +79,19 @@ BOOTSTRAP_SEED = 0  # the same resamples on every run: an interval is a function
 # ----------------------------------------------------------------------------- metrics
 
 
+@dataclass
+class Example:
+    id: int
+    image_0: str  # the image's name ("ex_0_img_0"); Winoground.images() opens it
+    image_1: str
+    caption_0: str
+    caption_1: str
+    tag: str
+    secondary_tag: str
+    num_main_preds: int
+    collapsed_tag: str
+
+
 def text_correct(s) -> bool:
     """s[c][i], a 2×2 score matrix: each image prefers its own caption."""
     return s[0][0] > s[1][0] and s[1][1] > s[0][1]
@@ -113,20 +126,256 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- CLIP score
+
+
+class ImagePairs(torch.utils.data.Dataset):
+    """Example n → its two images, preprocessed, (2, 3, S, S). Served by a DataLoader so that
+    decoding and resizing (Winoground's PNGs are up to 1920 × 1280, about 0.2 s each on one
+    core) run in worker processes while the model works."""
+
+    def __init__(self, data: "Winoground", examples: list[Example], transform, size: int):
+        self.data, self.examples, self.transform, self.size = data, examples, transform, size
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, n: int) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in self.data.images(self.examples[n], self.size)])
+
+
+@torch.no_grad()
+def clip_scores(model, tokenizer: Tokenizer, data: "Winoground", examples: list[Example], batch_size: int = 32,
+                device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
+    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time;
+    precision "bf16" runs the towers under bfloat16 autocast (the cosines are taken in float32)."""
+    size = model.config.vision.image_size
+    pairs = ImagePairs(data, examples, image_transform(size), size)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, num_workers=workers)
+    dtype = next(model.parameters()).dtype
+    scores = []
+    with tqdm(total=len(examples), desc="CLIP", unit="example") as progress:
+        for start, pixels in zip(range(0, len(examples), batch_size), loader):  # pixels: (B, 2, 3, S, S)
+            batch = examples[start : start + batch_size]
+            ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
+            with autocast(device, precision):
+                images = model.encode_image(pixels.flatten(0, 1).to(device, dtype))  # (2B, D)
+                texts = model.encode_text(ids.to(device))  # (2B, D)
+            # float32: a bfloat16 cosine keeps 8 bits (steps of 2^-9 near 0.3), and Winoground counts a tie as a failure
+            images, texts = F.normalize(images.float(), dim=-1), F.normalize(texts.float(), dim=-1)
+            # (B, caption, image): each example's captions against its own two images only.
+            texts, images = texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)  # (B, 2, D)
+            scores.append(torch.einsum("bcd,bid->bci", texts, images))
+            progress.update(len(batch))
+    return torch.cat(scores).float().cpu()
+
+
+def autocast(device: str | torch.device, precision: str) -> torch.autocast:
+    """precision "bf16": matmuls and convolutions in bfloat16 under autocast; "fp32": autocast off."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# ----------------------------------------------------------------------------- diffusion score
+
+
+def timestep_grid(n: int) -> torch.Tensor:
+    """The centres of n equal bins of the timesteps 0 … 999, rounded down: t_k = ⌊(k + ½) · 1000 / n⌋.
+    n = 20 gives 25, 75, …, 975 (the grid of Diffusion Classifier); n = 1000 gives every timestep."""
+    if not 1 <= n <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"--timesteps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {n}")
+    return ((torch.arange(n) + 0.5) * NUM_TRAIN_TIMESTEPS / n).long()
+
+
+def sd_image_transform(resolution: int) -> transforms.Compose:
+    """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side, centre crop."""
+    return transforms.Compose([
+        to_rgb,
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] → [-1, 1]
+    ])
 
 
 @dataclass
-class Example:
-    id: int
-    image_0: str  # the image's name ("ex_0_img_0"); Winoground.images() opens it
-    image_1: str
-    caption_0: str
-    caption_1: str
-    tag: str
-    secondary_tag: str
-    num_main_preds: int
-    collapsed_tag: str
+class StableDiffusion:
+    """The parts of SD 1.x or 2.x-base that score a caption–image pair (the frozen ones; no sampler needed)."""
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "StableDiffusion":
+        path = hub_path(path)  # a hub id: its snapshot in the local Hugging Face cache
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x or 2.x-base folder in "
+                                    f"diffusers layout — {DOWNLOAD_HINT}")
+        missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion "
+                                    f"folder — {DOWNLOAD_HINT}")
+        check_scheduler(path)  # an ε-prediction model with SD's noise schedule
+        return cls(vae=load_vae(path / "vae", device, dtype), unet=load_unet(path / "unet", device, dtype),
+                   text_encoder=load_clip(path / "text_encoder", device, dtype),
+                   tokenizer=Tokenizer.from_pretrained(path / "tokenizer"))
+
+    @property
+    def resolution(self) -> int:
+        """The image side the model was trained at: latent side × the VAE's factor (64 × 8 = 512 for SD 1.x)."""
+        return self.unet.config.sample_size * self.vae.downsampling_factor
+
+
+@torch.no_grad()
+def diffusion_errors(sd: StableDiffusion, data: "Winoground", examples: list[Example], timesteps: torch.Tensor,
+                     seed: int = 0, batch_size: int = 8, resolution: int | None = None, unconditional: bool = False,
+                     device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
+    """(N, C, 2, T) denoising errors ‖ε_θ(z_t, t, c) − ε‖² of caption c (C = 2, or 3 with the empty
+    prompt last when `unconditional`) on image i at timestep timesteps[k]; images at `resolution`
+    pixels a side (default: the model's own, sd.resolution).
+
+    Noise: a CPU generator seeded with `seed` draws, example after example in order, one
+    (T, 4, h, w) tensor; ε for timestep k is its k-th slice, shared by the pairs of the example,
+    so that the pairs differ only in caption and image (a paired comparison, much less noisy).
+    The C × 2 × T UNet calls of an example run batch_size at a time, under bfloat16 autocast with
+    precision "bf16" (load `sd` in bfloat16 too: StableDiffusion.from_pretrained(..., dtype=torch.bfloat16))."""
+    device = torch.device(device)
+    schedule = NoiseSchedule()  # SD 1.x's training schedule
+    resolution = resolution or sd.resolution
+    pairs = ImagePairs(data, examples, sd_image_transform(resolution), resolution)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers)  # one example at a time
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = timesteps.to(device)
+    errors = []
+    with autocast(device, precision):
+        empty = encode_prompt(sd.text_encoder, sd.tokenizer, [""]) if unconditional else None  # (1, 77, 768)
+        for example, pixels in tqdm(zip(examples, loader), total=len(examples), desc="diffusion score", unit="example"):
+            latents = sd.vae.images_to_latents(pixels.to(device))  # (2, 4, R/8, R/8): posterior mean × scaling factor
+            captions = [example.caption_0, example.caption_1]
+            context = encode_prompt(sd.text_encoder, sd.tokenizer, captions)  # (2, 77, 768)
+            if empty is not None:
+                context = torch.cat([context, empty])  # (3, 77, 768)
+            noise = torch.randn((len(timesteps), *latents.shape[1:]), generator=generator).to(device)  # (T, 4, h, w)
+            # Every (caption, image, timestep) triple, flattened in that order.
+            c, i, k = (index.flatten() for index in torch.meshgrid(
+                torch.arange(len(context)), torch.arange(2), torch.arange(len(timesteps)), indexing="ij"))
+            error = torch.cat([
+                denoising_error(sd.unet, latents[i[s]], timesteps[k[s]], noise[k[s]], context[c[s]], schedule).float()
+                for s in torch.arange(len(c)).split(batch_size)
+            ])
+            errors.append(error.view(len(context), 2, len(timesteps)).cpu())
+    return torch.stack(errors)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def score_examples(examples: list[Example], scores: torch.Tensor,
+                   image_scores: torch.Tensor | None = None) -> list[dict]:
+    """One record per example: its tags, the 2×2 matrix s[c][i] and the three credits. With
+    `image_scores` (the normalised diffusion score) the image credit is judged on those instead."""
+    records = []
+    judged_on = image_scores if image_scores is not None else scores
+    for example, s, s_image in zip(examples, scores.tolist(), judged_on.tolist()):
+        text, image = text_correct(s), image_correct(s_image)
+        record = {"id": example.id, "tag": example.tag, "secondary_tag": example.secondary_tag,
+                  "num_main_preds": example.num_main_preds, "collapsed_tag": example.collapsed_tag, "scores": s}
+        if image_scores is not None:
+            record["image_scores"] = s_image
+        records.append(record | {"text": text, "image": image, "group": text and image})
+    return records
+
+
+def percentages(records: list[dict], resamples: int = 0) -> dict:
+    """n and the three scores in %; with `resamples`, "ci95": each score's 95 % bootstrap interval over examples."""
+    n = len(records)
+    row = {"n": n} | {key: 100 * sum(r[key] for r in records) / n for key in METRICS}
+    if resamples:
+        low, high = 100 * bootstrap_interval([[r[key] for key in METRICS] for r in records], resamples)
+        row["ci95"] = {key: [lo, hi] for key, lo, hi in zip(METRICS, low.tolist(), high.tolist())}
+    return row
+
+
+def summarize(records: list[dict], resamples: int = 0) -> dict:
+    """Overall and per-subset percentages: by collapsed_tag and by num_main_preds, as in the paper."""
+    summary = {"all": percentages(records, resamples)}
+    for key in ("collapsed_tag", "num_main_preds"):
+        groups = defaultdict(list)
+        for record in records:
+            groups[record[key]].append(record)
+        for value in sorted(groups):
+            summary[f"{key}={value}"] = percentages(groups[value], resamples)
+    return summary
+
+
+def format_table(summary: dict, title: str) -> str:
+    """One row per subset: n and each score, followed by its 95 % interval where the row has one."""
+    pad = " " * 15 if any("ci95" in row for row in summary.values()) else ""  # room for " [ 26.3,  35.3]"
+    lines = [title, (f"{'subset':<26}{'n':>5}" + "".join(f"{key:>8}{pad}" for key in METRICS)).rstrip()]
+    for name, row in summary.items():
+        ci = row.get("ci95")
+        cells = [f"{row[key]:>8.2f}" + (" [{:5.1f}, {:5.1f}]".format(*ci[key]) if ci else pad) for key in METRICS]
+        lines.append(f"{name:<26}{row['n']:>5}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def read_run(path: str | Path) -> dict[int, list[bool]]:
+    """The text, image and group credits of each example of a run saved with --out, by example id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --compare takes two results files written with --out")
+    try:
+        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not written by this script
+        raise ValueError(f"{path} is not a results file of eval_winoground.py --out ({type(err).__name__}: "
+                         f"{err})") from None
+    flags = [credit for example in credits.values() for credit in example]
+    if not credits or len(credits) != len(examples) or not all(isinstance(credit, bool) for credit in flags):
+        raise ValueError(f"{path} holds no examples, repeats an example id or has credits that are not true/false: "
+                         f"write it again with eval_winoground.py --out")
+    return credits
+
+
+def compare_runs(path_a: str | Path, path_b: str | Path, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """Run B against run A on the same examples (matched by id): per score, both percentages, the
+    difference B − A in points with its paired bootstrap 95 % interval, the discordant examples
+    (right only in A, right only in B) and McNemar's exact p-value on them."""
+    a, b = read_run(path_a), read_run(path_b)
+    if a.keys() != b.keys():
+        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in the first, e.g. ids "
+                         f"{only_a[:5]}; {len(only_b)} only in the second, e.g. ids {only_b[:5]}): compare two runs "
+                         f"on the same examples (the same --data and --limit)")
+    ids = sorted(a)
+    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))  # (N, 3) each
+    low, high = 100 * bootstrap_interval(credit_b - credit_a, resamples)
+    n, metrics = len(ids), {}
+    for k, key in enumerate(METRICS):
+        right_a, right_b = int(credit_a[:, k].sum()), int(credit_b[:, k].sum())
+        only_a = int((credit_a[:, k] > credit_b[:, k]).sum())
+        only_b = int((credit_b[:, k] > credit_a[:, k]).sum())
+        metrics[key] = {"a": 100 * right_a / n, "b": 100 * right_b / n, "difference": 100 * (right_b - right_a) / n,
+                        "ci95": [float(low[k]), float(high[k])],
+                        "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
+    return {"a": str(path_a), "b": str(path_b), "n": n, "bootstrap_resamples": resamples, "metrics": metrics}
+
+
+def format_comparison(comparison: dict) -> str:
+    lines = [f"Winoground, B − A on {comparison['n']} examples scored by both: A = {comparison['a']}, "
+             f"B = {comparison['b']}",
+             f"{'':<8}{'A':>8}{'B':>8}{'B − A':>8}{'95 % interval':>18}{'only A':>8}{'only B':>8}{'McNemar p':>11}"]
+    for key, row in comparison["metrics"].items():
+        interval = "[{:+.1f}, {:+.1f}]".format(*row["ci95"])
+        lines.append(f"{key:<8}{row['a']:>8.2f}{row['b']:>8.2f}{row['difference']:>+8.2f}{interval:>18}"
+                     f"{row['only_a']:>8}{row['only_b']:>8}{row['mcnemar_p']:>11.3g}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def leaves_folder(name: str) -> bool:
@@ -299,255 +548,6 @@ class Winoground:
 
     def images(self, example: Example, size: int | None = None) -> tuple[Image.Image, Image.Image]:
         return self.image(example.image_0, size), self.image(example.image_1, size)
-
-
-# ----------------------------------------------------------------------------- CLIP score
-
-
-class ImagePairs(torch.utils.data.Dataset):
-    """Example n → its two images, preprocessed, (2, 3, S, S). Served by a DataLoader so that
-    decoding and resizing (Winoground's PNGs are up to 1920 × 1280, about 0.2 s each on one
-    core) run in worker processes while the model works."""
-
-    def __init__(self, data: Winoground, examples: list[Example], transform, size: int):
-        self.data, self.examples, self.transform, self.size = data, examples, transform, size
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, n: int) -> torch.Tensor:
-        return torch.stack([self.transform(image) for image in self.data.images(self.examples[n], self.size)])
-
-
-@torch.no_grad()
-def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Example], batch_size: int = 32,
-                device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
-    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time;
-    precision "bf16" runs the towers under bfloat16 autocast (the cosines are taken in float32)."""
-    size = model.config.vision.image_size
-    pairs = ImagePairs(data, examples, image_transform(size), size)
-    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, num_workers=workers)
-    dtype = next(model.parameters()).dtype
-    scores = []
-    with tqdm(total=len(examples), desc="CLIP", unit="example") as progress:
-        for start, pixels in zip(range(0, len(examples), batch_size), loader):  # pixels: (B, 2, 3, S, S)
-            batch = examples[start : start + batch_size]
-            ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
-            with autocast(device, precision):
-                images = model.encode_image(pixels.flatten(0, 1).to(device, dtype))  # (2B, D)
-                texts = model.encode_text(ids.to(device))  # (2B, D)
-            # float32: a bfloat16 cosine keeps 8 bits (steps of 2^-9 near 0.3), and Winoground counts a tie as a failure
-            images, texts = F.normalize(images.float(), dim=-1), F.normalize(texts.float(), dim=-1)
-            # (B, caption, image): each example's captions against its own two images only.
-            texts, images = texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)  # (B, 2, D)
-            scores.append(torch.einsum("bcd,bid->bci", texts, images))
-            progress.update(len(batch))
-    return torch.cat(scores).float().cpu()
-
-
-def autocast(device: str | torch.device, precision: str) -> torch.autocast:
-    """precision "bf16": matmuls and convolutions in bfloat16 under autocast; "fp32": autocast off."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-# ----------------------------------------------------------------------------- diffusion score
-
-
-def timestep_grid(n: int) -> torch.Tensor:
-    """The centres of n equal bins of the timesteps 0 … 999, rounded down: t_k = ⌊(k + ½) · 1000 / n⌋.
-    n = 20 gives 25, 75, …, 975 (the grid of Diffusion Classifier); n = 1000 gives every timestep."""
-    if not 1 <= n <= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"--timesteps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {n}")
-    return ((torch.arange(n) + 0.5) * NUM_TRAIN_TIMESTEPS / n).long()
-
-
-def sd_image_transform(resolution: int) -> transforms.Compose:
-    """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side, centre crop."""
-    return transforms.Compose([
-        to_rgb,
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] → [-1, 1]
-    ])
-
-
-@dataclass
-class StableDiffusion:
-    """The parts of SD 1.x or 2.x-base that score a caption–image pair (the frozen ones; no sampler needed)."""
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: Tokenizer
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "StableDiffusion":
-        path = hub_path(path)  # a hub id: its snapshot in the local Hugging Face cache
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x or 2.x-base folder in "
-                                    f"diffusers layout — {DOWNLOAD_HINT}")
-        missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion "
-                                    f"folder — {DOWNLOAD_HINT}")
-        check_scheduler(path)  # an ε-prediction model with SD's noise schedule
-        return cls(vae=load_vae(path / "vae", device, dtype), unet=load_unet(path / "unet", device, dtype),
-                   text_encoder=load_clip(path / "text_encoder", device, dtype),
-                   tokenizer=Tokenizer.from_pretrained(path / "tokenizer"))
-
-    @property
-    def resolution(self) -> int:
-        """The image side the model was trained at: latent side × the VAE's factor (64 × 8 = 512 for SD 1.x)."""
-        return self.unet.config.sample_size * self.vae.downsampling_factor
-
-
-@torch.no_grad()
-def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Example], timesteps: torch.Tensor,
-                     seed: int = 0, batch_size: int = 8, resolution: int | None = None, unconditional: bool = False,
-                     device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
-    """(N, C, 2, T) denoising errors ‖ε_θ(z_t, t, c) − ε‖² of caption c (C = 2, or 3 with the empty
-    prompt last when `unconditional`) on image i at timestep timesteps[k]; images at `resolution`
-    pixels a side (default: the model's own, sd.resolution).
-
-    Noise: a CPU generator seeded with `seed` draws, example after example in order, one
-    (T, 4, h, w) tensor; ε for timestep k is its k-th slice, shared by the pairs of the example,
-    so that the pairs differ only in caption and image (a paired comparison, much less noisy).
-    The C × 2 × T UNet calls of an example run batch_size at a time, under bfloat16 autocast with
-    precision "bf16" (load `sd` in bfloat16 too: StableDiffusion.from_pretrained(..., dtype=torch.bfloat16))."""
-    device = torch.device(device)
-    schedule = NoiseSchedule()  # SD 1.x's training schedule
-    resolution = resolution or sd.resolution
-    pairs = ImagePairs(data, examples, sd_image_transform(resolution), resolution)
-    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers)  # one example at a time
-    generator = torch.Generator().manual_seed(seed)
-    timesteps = timesteps.to(device)
-    errors = []
-    with autocast(device, precision):
-        empty = encode_prompt(sd.text_encoder, sd.tokenizer, [""]) if unconditional else None  # (1, 77, 768)
-        for example, pixels in tqdm(zip(examples, loader), total=len(examples), desc="diffusion score", unit="example"):
-            latents = sd.vae.images_to_latents(pixels.to(device))  # (2, 4, R/8, R/8): posterior mean × scaling factor
-            captions = [example.caption_0, example.caption_1]
-            context = encode_prompt(sd.text_encoder, sd.tokenizer, captions)  # (2, 77, 768)
-            if empty is not None:
-                context = torch.cat([context, empty])  # (3, 77, 768)
-            noise = torch.randn((len(timesteps), *latents.shape[1:]), generator=generator).to(device)  # (T, 4, h, w)
-            # Every (caption, image, timestep) triple, flattened in that order.
-            c, i, k = (index.flatten() for index in torch.meshgrid(
-                torch.arange(len(context)), torch.arange(2), torch.arange(len(timesteps)), indexing="ij"))
-            error = torch.cat([
-                denoising_error(sd.unet, latents[i[s]], timesteps[k[s]], noise[k[s]], context[c[s]], schedule).float()
-                for s in torch.arange(len(c)).split(batch_size)
-            ])
-            errors.append(error.view(len(context), 2, len(timesteps)).cpu())
-    return torch.stack(errors)
-
-
-# ----------------------------------------------------------------------------- results
-
-
-def score_examples(examples: list[Example], scores: torch.Tensor,
-                   image_scores: torch.Tensor | None = None) -> list[dict]:
-    """One record per example: its tags, the 2×2 matrix s[c][i] and the three credits. With
-    `image_scores` (the normalised diffusion score) the image credit is judged on those instead."""
-    records = []
-    judged_on = image_scores if image_scores is not None else scores
-    for example, s, s_image in zip(examples, scores.tolist(), judged_on.tolist()):
-        text, image = text_correct(s), image_correct(s_image)
-        record = {"id": example.id, "tag": example.tag, "secondary_tag": example.secondary_tag,
-                  "num_main_preds": example.num_main_preds, "collapsed_tag": example.collapsed_tag, "scores": s}
-        if image_scores is not None:
-            record["image_scores"] = s_image
-        records.append(record | {"text": text, "image": image, "group": text and image})
-    return records
-
-
-def percentages(records: list[dict], resamples: int = 0) -> dict:
-    """n and the three scores in %; with `resamples`, "ci95": each score's 95 % bootstrap interval over examples."""
-    n = len(records)
-    row = {"n": n} | {key: 100 * sum(r[key] for r in records) / n for key in METRICS}
-    if resamples:
-        low, high = 100 * bootstrap_interval([[r[key] for key in METRICS] for r in records], resamples)
-        row["ci95"] = {key: [lo, hi] for key, lo, hi in zip(METRICS, low.tolist(), high.tolist())}
-    return row
-
-
-def summarize(records: list[dict], resamples: int = 0) -> dict:
-    """Overall and per-subset percentages: by collapsed_tag and by num_main_preds, as in the paper."""
-    summary = {"all": percentages(records, resamples)}
-    for key in ("collapsed_tag", "num_main_preds"):
-        groups = defaultdict(list)
-        for record in records:
-            groups[record[key]].append(record)
-        for value in sorted(groups):
-            summary[f"{key}={value}"] = percentages(groups[value], resamples)
-    return summary
-
-
-def format_table(summary: dict, title: str) -> str:
-    """One row per subset: n and each score, followed by its 95 % interval where the row has one."""
-    pad = " " * 15 if any("ci95" in row for row in summary.values()) else ""  # room for " [ 26.3,  35.3]"
-    lines = [title, (f"{'subset':<26}{'n':>5}" + "".join(f"{key:>8}{pad}" for key in METRICS)).rstrip()]
-    for name, row in summary.items():
-        ci = row.get("ci95")
-        cells = [f"{row[key]:>8.2f}" + (" [{:5.1f}, {:5.1f}]".format(*ci[key]) if ci else pad) for key in METRICS]
-        lines.append(f"{name:<26}{row['n']:>5}" + "".join(cells))
-    return "\n".join(lines)
-
-
-def read_run(path: str | Path) -> dict[int, list[bool]]:
-    """The text, image and group credits of each example of a run saved with --out, by example id."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --compare takes two results files written with --out")
-    try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
-        credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not written by this script
-        raise ValueError(f"{path} is not a results file of eval_winoground.py --out ({type(err).__name__}: "
-                         f"{err})") from None
-    flags = [credit for example in credits.values() for credit in example]
-    if not credits or len(credits) != len(examples) or not all(isinstance(credit, bool) for credit in flags):
-        raise ValueError(f"{path} holds no examples, repeats an example id or has credits that are not true/false: "
-                         f"write it again with eval_winoground.py --out")
-    return credits
-
-
-def compare_runs(path_a: str | Path, path_b: str | Path, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
-    """Run B against run A on the same examples (matched by id): per score, both percentages, the
-    difference B − A in points with its paired bootstrap 95 % interval, the discordant examples
-    (right only in A, right only in B) and McNemar's exact p-value on them."""
-    a, b = read_run(path_a), read_run(path_b)
-    if a.keys() != b.keys():
-        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
-        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in the first, e.g. ids "
-                         f"{only_a[:5]}; {len(only_b)} only in the second, e.g. ids {only_b[:5]}): compare two runs "
-                         f"on the same examples (the same --data and --limit)")
-    ids = sorted(a)
-    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))  # (N, 3) each
-    low, high = 100 * bootstrap_interval(credit_b - credit_a, resamples)
-    n, metrics = len(ids), {}
-    for k, key in enumerate(METRICS):
-        right_a, right_b = int(credit_a[:, k].sum()), int(credit_b[:, k].sum())
-        only_a = int((credit_a[:, k] > credit_b[:, k]).sum())
-        only_b = int((credit_b[:, k] > credit_a[:, k]).sum())
-        metrics[key] = {"a": 100 * right_a / n, "b": 100 * right_b / n, "difference": 100 * (right_b - right_a) / n,
-                        "ci95": [float(low[k]), float(high[k])],
-                        "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
-    return {"a": str(path_a), "b": str(path_b), "n": n, "bootstrap_resamples": resamples, "metrics": metrics}
-
-
-def format_comparison(comparison: dict) -> str:
-    lines = [f"Winoground, B − A on {comparison['n']} examples scored by both: A = {comparison['a']}, "
-             f"B = {comparison['b']}",
-             f"{'':<8}{'A':>8}{'B':>8}{'B − A':>8}{'95 % interval':>18}{'only A':>8}{'only B':>8}{'McNemar p':>11}"]
-    for key, row in comparison["metrics"].items():
-        interval = "[{:+.1f}, {:+.1f}]".format(*row["ci95"])
-        lines.append(f"{key:<8}{row['a']:>8.2f}{row['b']:>8.2f}{row['difference']:>+8.2f}{interval:>18}"
-                     f"{row['only_a']:>8}{row['only_b']:>8}{row['mcnemar_p']:>11.3g}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main

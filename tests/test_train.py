@@ -40,7 +40,7 @@ from test_clip import fake_cache, open_clip_model, save_open_clip
 from clip import Tokenizer, image_transform, load_clip
 from eval_winoground import Winoground, clip_scores, percentages, score_examples
 from sds import Mapper, NoiseSchedule
-from train import CocoCaptions, batches, get_args, main, nonfinite, save_checkpoint, step_generator
+from train import CocoCaptions, batches, get_args, main, nonfinite, step_generator, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -439,24 +439,24 @@ def test_resume_refuses_a_change_to_any_setting_outside_the_resumable_ones(tmp_p
     assert train_py.RESUMABLE_CHANGES == {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every",
                                           "log_every", "device", "num_workers", "skip_bad_images",
                                           "gradient_checkpointing", "winoground", "toy"}
-    assert train_py.SCHEDULE == {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
+    assert train_py.LOGGED_CHANGES == {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
     args = get_args(COMMON)
-    identity = {key: {"file": f"{key}.safetensors", "sha256": key * 10} for key in ("clip", "unet", "text_encoder",
-                                                                                    "captions")}
-    meta, path = {"settings": vars(args).copy(), "identity": identity}, tmp_path / "checkpoint.safetensors"
-    assert train_py.check_resume(path, meta, args, identity) == {}
-    defining = set(vars(args)) - train_py.RESUMABLE_CHANGES - train_py.SCHEDULE
+    sources = {key: {"file": f"{key}.safetensors", "sha256": key * 10} for key in ("clip", "unet", "text_encoder",
+                                                                                   "captions")}
+    meta, path = {"settings": vars(args).copy(), "identity": sources}, tmp_path / "checkpoint.safetensors"
+    assert train_py.check_resume(path, meta, args, sources) == {}
+    defining = set(vars(args)) - train_py.RESUMABLE_CHANGES - train_py.LOGGED_CHANGES
     assert {"seed", "sds_weight", "sds_mode", "batch_size", "grad_accum", "precision", "limit_images"} <= defining
     for name, value in vars(args).items():  # every setting of the parser, one changed at a time
         changed = argparse.Namespace(**vars(args) | {name: another(value)})
         if name in defining:
             with pytest.raises(SystemExit, match=re.escape(f"--{name} {value!r} → {another(value)!r}")):
-                train_py.check_resume(path, meta, changed, identity)
+                train_py.check_resume(path, meta, changed, sources)
         else:
-            expected = {name: [value, another(value)]} if name in train_py.SCHEDULE else {}
-            assert train_py.check_resume(path, meta, changed, identity) == expected, name
-    for key in identity:  # and every file the run trains from
-        other = identity | {key: {"file": "other.safetensors", "sha256": "f" * 64}}
+            expected = {name: [value, another(value)]} if name in train_py.LOGGED_CHANGES else {}
+            assert train_py.check_resume(path, meta, changed, sources) == expected, name
+    for key in sources:  # and every file the run trains from
+        other = sources | {key: {"file": "other.safetensors", "sha256": "f" * 64}}
         with pytest.raises(SystemExit, match=f"not from other.safetensors .*resume with the same {key} file"):
             train_py.check_resume(path, meta, args, other)
 
@@ -684,13 +684,13 @@ def test_update_that_leaves_state_nonfinite_stops_and_is_not_saved(assets, tmp_p
     assert not nonfinite(load_file(out / "checkpoint.safetensors"))
 
 
-def test_save_checkpoint_refuses_nonfinite_state(tmp_path):
+def test_write_checkpoint_refuses_nonfinite_state(tmp_path):
     state = {"param.w": torch.ones(3), "adamw.w.step": torch.tensor(1.0), "adamw.w.exp_avg_sq": torch.ones(3)}
-    save_checkpoint(tmp_path / "a.safetensors", state, {"step": 1})
+    write_checkpoint(tmp_path / "a.safetensors", state, {"step": 1})
     state["adamw.w.exp_avg_sq"][1] = float("nan")
     assert nonfinite(state) == ["adamw.w.exp_avg_sq"]
     with pytest.raises(ValueError, match="adamw.w.exp_avg_sq"):
-        save_checkpoint(tmp_path / "b.safetensors", state, {"step": 2})
+        write_checkpoint(tmp_path / "b.safetensors", state, {"step": 2})
     assert not (tmp_path / "b.safetensors").exists()
 
 
@@ -836,10 +836,10 @@ def test_toy_trains_on_the_toy_world_by_default(monkeypatch, tmp_path):
     from weights import toyworld
 
     paths = toyworld.build(tmp_path / "toy", quick=True)
-    monkeypatch.setattr(toyworld, "build", lambda *a, **k: paths)  # --toy builds weights/toy/; here a quick build
-    args = get_args(["--toy"])
-    assert (args.clip, args.sd, args.coco_root, args.winoground, args.out) == (
-        str(paths["clip"]), str(paths["sd"]), str(paths["train"]), str(paths["test"]), train_py.TOY_OUT)
+    monkeypatch.setattr(train_py, "build", lambda: paths)  # --toy builds weights/toy/; here a quick build
+    args = get_args(["--toy"])  # the settings; main fills in the paths once the world is built
+    assert (args.clip, args.sd, args.coco_root, args.winoground, args.out) == (None, None, None, None,
+                                                                              train_py.TOY_OUT)
     assert all(getattr(args, key) == value for key, value in toyworld.TRAIN_DEFAULTS.items())
     explicit = get_args(["--toy", "--epochs", "7", "--out", str(tmp_path / "o"), "--winoground", "w"])
     assert (explicit.epochs, explicit.out, explicit.winoground) == (7, str(tmp_path / "o"), "w")  # they win
@@ -847,6 +847,10 @@ def test_toy_trains_on_the_toy_world_by_default(monkeypatch, tmp_path):
 
     out = tmp_path / "out"
     main(["--toy", "--max_steps", "2", "--out", str(out), "--device", "cpu"])
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        settings = json.loads(f.metadata()["sds_clip"])["settings"]
+    assert (settings["clip"], settings["sd"], settings["coco_root"], settings["winoground"]) == (
+        str(paths["clip"]), str(paths["sd"]), str(paths["train"]), str(paths["test"]))
     records = log_records(out)
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert [r["step"] for r in records if "winoground" in r] == [0, 2]
