@@ -1,30 +1,32 @@
 """weights/toyworld.py: its files are the official layouts, read by the references and by our
-scripts; its data is deterministic; and the whole method runs on it end to end.
+scripts; its data is deterministic and its splits hold what they claim; its reader, sampler
+and shipped models are what the README's checks rest on; and the whole method runs on it.
 
-One `--quick` build per session (under a minute) serves every test here.
+One `--quick` build per session (about a minute) serves most tests here.
 """
 
 import hashlib
 import json
-import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from clip import Tokenizer, load_clip
-from eval_winoground import Winoground
+from eval_winoground import StableDiffusion, Winoground
+from sds import NoiseSchedule, encode_prompt
 from train import CocoCaptions
-from unet import load_unet
+from unet import UNet, load_unet
 from vae import load_vae
 from weights import toyworld
 
 REPO = Path(__file__).resolve().parent.parent
-OBJECT = re.compile(rf"\b({'|'.join(toyworld.COLOURS)}) ({'|'.join(toyworld.SHAPES)})\b")
 
 
 @pytest.fixture(scope="module")
@@ -37,62 +39,220 @@ def digest(folder: Path) -> dict[str, str]:
             for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def objects(caption: str) -> set[tuple[str, str]]:
-    return set(OBJECT.findall(caption))
+def scenes(folder: Path) -> list[toyworld.Scene]:
+    return [toyworld.Scene(tuple(s["first"]), tuple(s["second"]), s["axis"])
+            for s in json.loads((folder / "scenes.json").read_text()).values()]
+
+
+def pairing(scene: toyworld.Scene) -> frozenset:
+    return frozenset({scene.first, scene.second})
 
 
 def test_data_is_deterministic_given_the_seed(tmp_path):
-    small = toyworld.Recipe(train_images=20, val_examples=6, test_examples=6)
+    small = toyworld.Recipe(train_images=20, val_examples=6, test_examples=6, new_objects_examples=6)
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         toyworld.draw_data(tmp_path / name, small, seed)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
 
 
-def test_the_build_is_cached(world, capsys):
-    marker = world["clip"].parent / "build.json"
+def test_the_build_is_cached_under_its_settings(world, tmp_path, capsys):
+    marker = world["train"].parent.parent / "build.json"
     before = marker.stat().st_mtime_ns
-    assert toyworld.build(world["clip"].parent, seed=0, quick=True) == world
-    assert marker.stat().st_mtime_ns == before and "building" not in capsys.readouterr().out
+    assert toyworld.build(marker.parent, seed=0, quick=True) == world
+    assert marker.stat().st_mtime_ns == before and capsys.readouterr().out == ""
+    # Another seed is another world: the cache is not reused.
+    copy = tmp_path / "copy"
+    shutil.copytree(marker.parent, copy)
+    toyworld.build(copy, seed=1, quick=True)
+    assert json.loads((copy / "build.json").read_text())["seed"] == 1
+    assert digest(copy / "data") != digest(marker.parent / "data")
+
+
+def test_out_never_removes_a_folder_it_did_not_build(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "precious.txt").write_text("x")
+    for build_json in (None, "not json", "[1, 2]", '{"seed": 0}'):  # absent, not JSON, not an object, not ours
+        if build_json is not None:
+            (mine / "build.json").write_text(build_json)
+        with pytest.raises(SystemExit, match="is not a toy-world build .* nothing was removed"):
+            toyworld.build(mine, quick=True)
+        assert (mine / "precious.txt").read_text() == "x" and (mine / "sub").is_dir()
+
+
+def test_shipped_models_are_whole_and_load():
+    """weights/toy-models: every file models.json lists, with its sha256; they load as a CLIP and an SD."""
+    record = json.loads((toyworld.MODELS_DIR / "models.json").read_text())
+    assert record["settings"] == {"version": toyworld.VERSION, "seed": 0, "recipe": vars(toyworld.Recipe())}
+    assert {"clip/model.safetensors", "sd/unet/diffusion_pytorch_model.safetensors"} <= set(record["sha256"])
+    toyworld.check_shipped(toyworld.MODELS_DIR)
+    assert load_clip(toyworld.MODELS_DIR / "clip").config.vision.image_size == toyworld.IMAGE_SIZE
+    assert StableDiffusion.from_pretrained(toyworld.MODELS_DIR / "sd").resolution == toyworld.IMAGE_SIZE
+
+
+def test_a_damaged_shipped_file_is_named(tmp_path):
+    copy = tmp_path / "toy-models"
+    shutil.copytree(toyworld.MODELS_DIR, copy)
+    weights = copy / "sd" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(SystemExit, match=f"{weights} is missing or differs from the sha256"):
+        toyworld.check_shipped(copy)
 
 
 def test_full_recipe_sizes():
     recipe = toyworld.Recipe()
-    assert recipe.test_examples >= 400 and recipe.val_examples > 0
+    assert recipe.test_examples >= 400 and recipe.val_examples > 0 and recipe.new_objects_examples > 0
     assert len(toyworld.COLOURS) >= 5 and len(toyworld.SHAPES) >= 4
 
 
-def test_train_split_reads_as_coco(world):
+def test_train_split_shows_every_object_but_no_held_out_pairing(world):
     data = CocoCaptions(world["train"], lambda image: image.size)
     assert len(data) == toyworld.QUICK.train_images
     assert all(len(c) == toyworld.CAPTIONS_PER_IMAGE for c in data.captions)
     assert data[0][0] == (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
-    seen = set().union(*(objects(c) for cs in data.captions for c in cs))
-    assert seen and not seen & toyworld.HELD_OUT  # no held-out colour–shape pair is ever shown in training
+    train = scenes(world["train"])
+    assert {obj for s in train for obj in (s.first, s.second)} == set(toyworld.OBJECTS)  # every seen object
+    assert not {pairing(s) for s in train} & toyworld.HELD_OUT_PAIRINGS
+    # At the full size, too: the scenes training draws never hold a pairing of val or test.
+    rng = np.random.default_rng(0)
+    assert not {pairing(toyworld.random_scene(rng)) for _ in range(5000)} & toyworld.HELD_OUT_PAIRINGS
 
 
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_winoground_splits(world, split):
+@pytest.mark.parametrize("split, blocks", [("val", toyworld.VAL_BLOCKS), ("test", toyworld.TEST_BLOCKS),
+                                           ("new_objects", (toyworld.NEW_OBJECT_BLOCK,))])
+def test_winoground_splits(world, split, blocks):
     data = Winoground(world[split])
-    assert len(data) == getattr(toyworld.QUICK, f"{split}_examples")
+    assert len(data) == {"new_objects": toyworld.QUICK.new_objects_examples}.get(split, getattr(
+        toyworld.QUICK, f"{split}_examples"))
     assert {e.collapsed_tag for e in data.examples} == set(toyworld.TAGS)
     for e in data.examples:
         assert e.caption_0 != e.caption_1 and sorted(e.caption_0.split()) == sorted(e.caption_1.split())
-        assert objects(e.caption_0) | objects(e.caption_1) <= toyworld.HELD_OUT
         assert data.image(e.image_0).size == (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
+    allowed = set().union(*(toyworld.pairings(block) for block in blocks))
+    assert {pairing(s) for s in scenes(world[split])} <= allowed  # each image's pairing is one of the split's
+    seen = set(toyworld.OBJECTS)
+    objects = {obj for s in scenes(world[split]) for obj in (s.first, s.second)}
+    assert objects <= seen if split != "new_objects" else not objects & seen
+
+
+def test_held_out_blocks_are_disjoint_and_of_seen_objects():
+    val, test = (set().union(*(toyworld.pairings(b) for b in blocks))
+                 for blocks in (toyworld.VAL_BLOCKS, toyworld.TEST_BLOCKS))
+    assert len(val) == 2 * len(toyworld.VAL_BLOCKS) and len(test) == 2 * len(toyworld.TEST_BLOCKS)
+    assert not val & test
+    assert all(obj in toyworld.OBJECTS for p in val | test for obj in p)
 
 
 def test_swaps_change_what_the_picture_shows():
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     for tag in toyworld.TAGS:
         for _ in range(20):
-            scene, swapped, caption_0, caption_1 = toyworld.swap_example(tag, rng)
+            scene, swapped, caption_0, caption_1 = toyworld.swap_example(tag, toyworld.TEST_BLOCKS, rng)
             assert scene != swapped and caption_0 != caption_1
             if tag == "attribute":  # the shapes stay in place, the colours trade
                 assert (scene.first[1], scene.second[1]) == (swapped.first[1], swapped.second[1])
                 assert (scene.first[0], scene.second[0]) == (swapped.second[0], swapped.first[0])
             else:  # the objects trade places
                 assert (scene.first, scene.second) == (swapped.second, swapped.first)
+
+
+def test_reader_reads_the_real_images(tmp_path):
+    """The reader that judges the samples: right on ≥ 99 % of the world's own images, and it does
+    tell a scene from its swap (the colours of the two halves read the other way round fail)."""
+    toyworld.write_winoground(tmp_path / "val", 240, toyworld.VAL_BLOCKS, np.random.default_rng([0, 1]))
+    examples, truth, images = toyworld.read_split(tmp_path / "val")
+    names = [e[f"image_{k}"] for e in examples for k in range(2)]
+    right = [toyworld.placed_right(image, truth[name]) for image, name in zip(images, names)]
+    assert np.mean(right) >= 0.99
+    flipped = [{**truth[name], "first": truth[name]["second"], "second": truth[name]["first"]} for name in names]
+    assert not any(toyworld.placed_right(image, scene) for image, scene in zip(images, flipped))
+    blank = toyworld.Image.new("RGB", (toyworld.IMAGE_SIZE,) * 2, (240, 240, 240))
+    assert toyworld.read_colours(blank, "h") == (None, None)
+
+
+class Oracle(torch.nn.Module):
+    """A 'UNet' that knows the answer: its ε̂ is the noise that takes z_t back to `x0`."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x0, self.a = x0, NoiseSchedule().alphas_cumprod
+        self.config = type("Config", (), {"sample_size": x0.shape[-1], "in_channels": x0.shape[1]})
+
+    def forward(self, z, t, context):
+        a = self.a[t].view(-1, 1, 1, 1)
+        return (z - a.sqrt() * self.x0.repeat(len(z) // len(self.x0), 1, 1, 1)) / (1 - a).sqrt()
+
+
+def test_sampler_lands_on_what_the_model_predicts(world):
+    """DDIM's update: with an ε̂ that always points to x0, every step keeps x̂_0 = x0 and the
+    sample ends there exactly (the VAE then decodes it)."""
+    vae = load_vae(world["sd"] / "vae")
+    text_encoder = load_clip(world["sd"] / "text_encoder")
+    tokenizer = Tokenizer.from_pretrained(world["sd"] / "tokenizer")
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = toyworld.sample(Oracle(x0), vae, text_encoder, tokenizer, ["a red circle", "a blue square"], steps=10)
+    with torch.no_grad():
+        assert torch.allclose(images, vae.latents_to_images(x0), atol=1e-4)
+    # The real small UNet: the right shape, finite, and the same for the same seed.
+    unet = load_unet(world["sd"] / "unet")
+    first = toyworld.sample(unet, vae, text_encoder, tokenizer, ["a red circle above a blue square"], steps=3)
+    again = toyworld.sample(unet, vae, text_encoder, tokenizer, ["a red circle above a blue square"], steps=3)
+    assert first.shape == (1, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE) and torch.isfinite(first).all()
+    assert torch.equal(first, again)
+
+
+def test_teacher_checks_run_on_the_quick_build(world, capsys):
+    checks = toyworld.check_teacher(world, splits=("val",), timesteps=2)["val"]
+    assert checks["reader on real images"] == 100.0
+    assert set(checks["diffusion group per tag"]) == set(toyworld.TAGS)
+    percentages = [v for key, value in checks.items() if key != "VAE PSNR (dB)"
+                   for v in (value.values() if isinstance(value, dict) else [value])]
+    assert all(0 <= v <= 100 for v in percentages)
+    assert capsys.readouterr().out.startswith("val: reader on real images 100.0;")
+
+
+def test_unet_training_sees_the_empty_prompt(world, monkeypatch):
+    """Caption dropout: about CAPTION_DROP of the UNet's training rows hold the empty prompt."""
+    train = toyworld.TrainSet.read(world["train"])
+    vae = load_vae(world["sd"] / "vae")
+    text_encoder = load_clip(world["sd"] / "text_encoder")
+    tokenizer = Tokenizer.from_pretrained(world["sd"] / "tokenizer")
+    contexts, forward = [], UNet.forward
+
+    def spy(self, z, t, context):
+        contexts.append(context.detach())
+        return forward(self, z, t, context)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    toyworld.train_unet(train, vae, text_encoder, tokenizer, toyworld.Recipe(unet_steps=20, unet_batch=16), seed=0)
+    empty = encode_prompt(text_encoder, tokenizer, [""])[0]
+    rows = torch.cat(contexts)
+    share = np.mean([torch.allclose(row, empty) for row in rows])
+    assert len(rows) == 320 and 0.04 <= share <= 0.2  # 10 % expected: 32 of 320
+
+
+def test_latent_scale_is_one_over_the_latents_std(world):
+    """scaling_factor: scaled latents have unit variance (SD measured 0.18215 so), not std²."""
+    vae = load_vae(world["sd"] / "vae")
+    pixels = toyworld.TrainSet.read(world["train"]).pixels[:64]
+    with torch.no_grad():
+        vae.quant_conv.weight.mul_(3.0)  # latents of std far from 1, so that std and 1/std differ
+        vae.quant_conv.bias.mul_(3.0)
+    scale = toyworld.latent_scale(vae, pixels, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = vae.encode(toyworld.vae_pixels(pixels)).sample(torch.Generator().manual_seed(0))
+    assert abs(float(latents.std()) - 1) > 0.5
+    assert float((latents * scale).std()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_merges_rank_as_vocab_ids(world):
+    """OpenAI's layout: merge i of merges.txt makes the token with id 512 + i in vocab.json."""
+    for folder in (world["clip"], world["sd"] / "tokenizer"):
+        vocab = json.loads((folder / "vocab.json").read_text())
+        merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+        assert merges and all(vocab["".join(line.split())] == 512 + i for i, line in enumerate(merges))
+        assert len(vocab) == 512 + len(merges) + 2  # the start and end tokens last
 
 
 def test_tokenizer_files_read_the_same_in_transformers(world):
@@ -142,6 +302,6 @@ def test_method_runs_end_to_end(world, tmp_path):
     for model in (["--clip", str(out)], ["--sd", str(world["sd"]), "--timesteps", "4"]):
         result = tmp_path / "result.json"
         subprocess.run([sys.executable, "eval_winoground.py", *model, "--data", str(world["test"]),
-                        "--resolution", str(toyworld.IMAGE_SIZE), "--out", str(result)], cwd=REPO, check=True)
+                        "--out", str(result)], cwd=REPO, check=True)
         scores = torch.tensor([e["scores"] for e in json.loads(result.read_text())["examples"]])
         assert scores.shape == (toyworld.QUICK.test_examples, 2, 2) and torch.isfinite(scores).all()

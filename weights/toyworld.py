@@ -7,26 +7,32 @@ official layouts, so that train.py and eval_winoground.py read them exactly as t
 downloaded weights. It is a world for watching the method work and for measuring what the
 SDS term does beside a control; it is not a benchmark of real CLIPs.
 
-    python weights/toyworld.py            # ≈ 15 min on 2 CPU cores, cached in weights/toy/
-    python weights/toyworld.py --quick    # a small functional build in under a minute (tests)
-    python train.py --toy                 # builds it if missing, then runs SDS-CLIP on it
+    python weights/toyworld.py                # draw the data (≈ 30 s) beside the shipped models
+    python weights/toyworld.py --check        # … and print the teacher's checks (≈ 15 min)
+    python weights/toyworld.py --rebuild      # train every model from scratch (≈ 1 h), then check
+    python weights/toyworld.py --quick --out DIR  # a small functional build in a minute (tests)
+    python train.py --toy                     # draws the data if missing, then runs SDS-CLIP on it
 
-What it writes (every file in its usual layout):
-    data/train/   MS-COCO 2017 layout: train2017/*.png + annotations/captions_train2017.json
-    data/val/     Winoground layout: examples.jsonl + images/  (to choose settings)
-    data/test/    Winoground layout, ≥ 400 examples             (to report)
-    clip/         Hugging Face CLIP: config.json, model.safetensors, vocab.json, merges.txt
-    sd/           diffusers Stable Diffusion: model_index.json, scheduler/, tokenizer/,
-                  text_encoder/ (the small CLIP's text tower, as SD 1.x uses OpenAI's), vae/, unet/
-    contact_sheet.png, build.json (settings and the time of each phase)
+The trained models ship in weights/toy-models/ (clip/, sd/ and models.json: the recipe, the
+sha256 of every file, torch's version, each phase's time and the checks), made by
+`--rebuild --seed 0`. The data is drawn again, deterministically, into weights/toy/data/:
+    train/              MS-COCO 2017 layout: train2017/*.png + annotations/captions_train2017.json
+    val/, test/         Winoground layout (examples.jsonl + images/): the main splits
+    test-new-objects/   Winoground layout: the harder second split
+and scenes.json in each, the ground truth of every image (the objects and their places).
 
-The Winoground-style examples hold two images and two captions with the same words in a
-different order: the colours swapped between the two objects ("attribute", binding), the
-objects swapped around the relation ("object"), or the relation words swapped between the
-objects ("relation"). Their colour–shape combinations never occur in training.
+Like Winoground, the main splits ask about familiar things in new arrangements. Every object
+(a colour–shape pair) of val and test is seen in training; what is new is the pairing: which
+two objects appear together. The pairings of val and test never occur in training, so neither
+image of an example has been seen. Each example holds two images and two captions with the
+same words in a different order: the colours swapped between the two objects ("attribute",
+binding), the objects swapped around the relation ("object"), or the relation words swapped
+between the objects ("relation"). The second split, test-new-objects, asks the same about
+four objects that never occur in training at all.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -45,24 +51,33 @@ from tqdm import tqdm
 if not __package__:  # run as a script, `python weights/toyworld.py`: the project's modules sit one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clip import CLIP, EOT, OPENAI_MEAN, OPENAI_STD, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfig  # noqa: E402
-from clip import bytes_to_unicode, clean_text, merge_pair, save_clip  # noqa: E402
-from sds import NoiseSchedule, contrastive_loss, encode_prompt  # noqa: E402
-from unet import UNet, UNetConfig, save_unet  # noqa: E402
-from vae import VAE, VAEConfig, save_vae  # noqa: E402
+from clip import bytes_to_unicode, clean_text, load_clip, merge_pair, save_clip  # noqa: E402
+from sds import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, NoiseSchedule, contrastive_loss  # noqa: E402
+from sds import encode_prompt  # noqa: E402
+from unet import UNet, UNetConfig, load_unet, save_unet  # noqa: E402
+from vae import VAE, VAEConfig, load_vae, save_vae  # noqa: E402
 
-TOY_DIR = Path(__file__).resolve().parent / "toy"
-VERSION = 1  # bump when the recipe changes, so that a cached build is rebuilt
+TOY_DIR = Path(__file__).resolve().parent / "toy"  # the drawn data (and --quick builds), not in git
+MODELS_DIR = Path(__file__).resolve().parent / "toy-models"  # the shipped models, in git
+VERSION = 3  # bump when the recipe changes, so that cached data is drawn again
 
 # ----------------------------------------------------------------------------- the world
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (45, 85, 220), "yellow": (235, 195, 25),
-           "purple": (135, 55, 175)}
+           "purple": (135, 55, 175), "cyan": (30, 190, 200), "pink": (240, 110, 200), "brown": (140, 90, 40)}
 SHAPES = ("circle", "square", "triangle", "cross")
-# Never in training: two blocks of 2 colours × 2 shapes. A block is closed under swapping the
-# colours of two of its objects, so an attribute-swap example stays inside the held-out set.
-HELD_OUT_BLOCKS = ((("red", "blue"), ("circle", "square")), (("green", "yellow"), ("triangle", "cross")))
-HELD_OUT = {(c, s) for colours, shapes in HELD_OUT_BLOCKS for c in colours for s in shapes}
-TRAIN_OBJECTS = sorted((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT)
+# A block, 2 colours × 2 shapes, holds two pairings of objects: {red circle, blue square} and
+# {blue circle, red square}. Every swap (colours, places, relation words) maps a scene of a block
+# into the same block, so a split drawn from blocks never needs a pairing outside them.
+NEW_OBJECT_BLOCK = (("red", "blue"), ("circle", "square"))  # test-new-objects: these 4 objects never in training
+VAL_BLOCKS = ((("yellow", "purple"), ("circle", "cross")), (("green", "cyan"), ("square", "triangle")),
+              (("red", "pink"), ("triangle", "cross")), (("blue", "brown"), ("triangle", "cross")),
+              (("cyan", "brown"), ("circle", "square")), (("green", "pink"), ("circle", "cross")))
+TEST_BLOCKS = ((("green", "yellow"), ("circle", "triangle")), (("purple", "cyan"), ("square", "cross")),
+               (("red", "brown"), ("triangle", "cross")), (("blue", "yellow"), ("triangle", "cross")),
+               (("pink", "cyan"), ("circle", "square")), (("purple", "brown"), ("circle", "triangle")))
+NEW_OBJECTS = {(c, s) for c in NEW_OBJECT_BLOCK[0] for s in NEW_OBJECT_BLOCK[1]}
+OBJECTS = sorted((c, s) for c in COLOURS for s in SHAPES if (c, s) not in NEW_OBJECTS)  # seen in training
 IMAGE_SIZE = 32  # pixels; CLIP sees 8 × 8 patches of 4 pixels, the VAE makes 8 × 8 latents
 SUPERSAMPLE = 8  # draw at 8× and downsample: anti-aliased edges
 
@@ -78,6 +93,7 @@ CLAUSES = {  # one place word per object: swapping the place words swaps the rel
 PREFIXES = ("", "", "a picture of ", "an image of ", "there is ")
 ARTICLES = ("a", "the")
 CAPTIONS_PER_IMAGE = 5  # as MS-COCO
+TAGS = ("attribute", "object", "relation")
 
 
 @dataclass
@@ -85,6 +101,14 @@ class Scene:
     first: tuple[str, str]  # (colour, shape) on the left, or at the top
     second: tuple[str, str]
     axis: str  # "h": side by side; "v": one above the other
+
+
+def pairings(block) -> set[frozenset]:
+    (a, b), (x, y) = block
+    return {frozenset({(a, x), (b, y)}), frozenset({(b, x), (a, y)})}
+
+
+HELD_OUT_PAIRINGS = set().union(*(pairings(block) for block in VAL_BLOCKS + TEST_BLOCKS))
 
 
 def noun(obj: tuple[str, str], article: str = "a") -> str:
@@ -122,11 +146,11 @@ def draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
 
 
-def random_scene(rng: np.random.Generator, objects: list[tuple[str, str]]) -> Scene:
-    """Two objects of different colour and shape, in a random arrangement."""
+def random_scene(rng: np.random.Generator) -> Scene:
+    """A training scene: two seen objects of different colour and shape, in a pairing not held out."""
     while True:
-        a, b = (objects[i] for i in rng.choice(len(objects), 2, replace=False))
-        if a[0] != b[0] and a[1] != b[1]:
+        a, b = (OBJECTS[i] for i in rng.choice(len(OBJECTS), 2, replace=False))
+        if a[0] != b[0] and a[1] != b[1] and frozenset({a, b}) not in HELD_OUT_PAIRINGS:
             return Scene(a, b, str(rng.choice(["h", "v"])))
 
 
@@ -136,15 +160,14 @@ def train_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
                      PREFIXES[rng.integers(len(PREFIXES))]) for _ in range(CAPTIONS_PER_IMAGE)]
 
 
-def swap_example(tag: str, rng: np.random.Generator) -> tuple[Scene, Scene, str, str]:
-    """Two scenes and two captions with the same words in a different order, held-out objects only."""
+def swap_example(tag: str, blocks, rng: np.random.Generator) -> tuple[Scene, Scene, str, str]:
+    """Two scenes and two captions with the same words in a different order, from one of `blocks`."""
+    colours, shapes = blocks[rng.integers(len(blocks))]
+    c, s = rng.permutation(colours), rng.permutation(shapes)
+    scene = Scene((c[0], s[0]), (c[1], s[1]), str(rng.choice(["h", "v"])))
     if tag == "attribute":  # "a red circle left of a blue square" / "a blue circle left of a red square"
-        colours, shapes = HELD_OUT_BLOCKS[rng.integers(len(HELD_OUT_BLOCKS))]
-        c, s = rng.permutation(colours), rng.permutation(shapes)
-        scene = Scene((c[0], s[0]), (c[1], s[1]), str(rng.choice(["h", "v"])))
         swapped = Scene((c[1], s[0]), (c[0], s[1]), scene.axis)
     else:  # the same two objects, their places exchanged
-        scene = random_scene(rng, sorted(HELD_OUT))
         swapped = Scene(scene.second, scene.first, scene.axis)
     if tag == "relation":  # "a red circle on the left and a blue square on the right" / "… on the right … left"
         place = {"h": ("on the left", "on the right"), "v": ("at the top", "at the bottom")}[scene.axis]
@@ -164,17 +187,21 @@ class Recipe:
     train_images: int = 12_000
     val_examples: int = 240  # per tag: a third
     test_examples: int = 480
-    clip_steps: int = 800
-    clip_batch: int = 128
-    vae_steps: int = 300
+    new_objects_examples: int = 240  # test-new-objects
+    text_clip_steps: int = 800  # SD's text encoder: the text tower of a CLIP pre-trained at batch 128
+    text_clip_batch: int = 128
+    clip_steps: int = 1600  # the CLIP that SDS-CLIP fine-tunes, pre-trained at batch 32 (order-blind; README)
+    clip_batch: int = 32
+    vae_steps: int = 400
     vae_batch: int = 32
-    unet_steps: int = 3000
+    unet_steps: int = 8000
     unet_batch: int = 64
 
 
-QUICK = Recipe(train_images=256, val_examples=12, test_examples=12, clip_steps=10, clip_batch=32, vae_steps=5,
-               vae_batch=8, unet_steps=10, unet_batch=16)
-TAGS = ("attribute", "object", "relation")
+QUICK = Recipe(train_images=256, val_examples=12, test_examples=12, new_objects_examples=12, text_clip_steps=10,
+               text_clip_batch=32, clip_steps=10, clip_batch=32, vae_steps=5, vae_batch=8, unet_steps=10,
+               unet_batch=16)
+DATA_SIZES = ("train_images", "val_examples", "test_examples", "new_objects_examples")  # the fields that shape the data
 
 CLIP_CONFIG = CLIPConfig(
     text=TextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2),
@@ -195,48 +222,59 @@ TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "sds_weight": 1.0, 
                   "num_workers": 0, "save_every": 0}
 
 
-# ----------------------------------------------------------------------------- phase 1: the data
+# ----------------------------------------------------------------------------- phase 1: draw the data
+
+
+def scene_record(scene: Scene) -> dict:
+    return {"first": list(scene.first), "second": list(scene.second), "axis": scene.axis}
 
 
 def write_train(root: Path, n: int, rng: np.random.Generator) -> None:
     """MS-COCO 2017 layout: train2017/<id>.png and annotations/captions_train2017.json."""
     (root / "train2017").mkdir(parents=True)
     (root / "annotations").mkdir()
-    images, annotations = [], []
+    images, annotations, scenes = [], [], {}
     for image_id in tqdm(range(1, n + 1), desc="draw train", unit="image"):
-        scene = random_scene(rng, TRAIN_OBJECTS)
+        scene = random_scene(rng)
         name = f"{image_id:012d}.png"
         draw(scene, rng).save(root / "train2017" / name)
         images.append({"id": image_id, "file_name": name, "width": IMAGE_SIZE, "height": IMAGE_SIZE})
+        scenes[name] = scene_record(scene)
         for caption in train_captions(scene, rng):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
     data = {"info": {"description": "SDS-CLIP toy world"}, "images": images, "annotations": annotations}
     (root / "annotations" / "captions_train2017.json").write_text(json.dumps(data))
+    (root / "scenes.json").write_text(json.dumps(scenes))
 
 
-def write_winoground(root: Path, n: int, rng: np.random.Generator) -> None:
+def write_winoground(root: Path, n: int, blocks, rng: np.random.Generator) -> None:
     """Winoground layout: examples.jsonl and images/ex_<id>_img_<0|1>.png, tags cycling through TAGS."""
     (root / "images").mkdir(parents=True)
+    scenes = {}
     with open(root / "examples.jsonl", "w") as f:
         for i in tqdm(range(n), desc=f"draw {root.name}", unit="example"):
             tag = TAGS[i % len(TAGS)]
-            scene_0, scene_1, caption_0, caption_1 = swap_example(tag, rng)
+            scene_0, scene_1, caption_0, caption_1 = swap_example(tag, blocks, rng)
             for k, scene in enumerate((scene_0, scene_1)):
                 draw(scene, rng).save(root / "images" / f"ex_{i}_img_{k}.png")
+                scenes[f"ex_{i}_img_{k}"] = scene_record(scene)
             f.write(json.dumps({"id": i, "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1",
                                 "caption_0": caption_0, "caption_1": caption_1, "tag": tag,
                                 "secondary_tag": "", "num_main_preds": 2 if tag == "relation" else 1,
                                 "collapsed_tag": tag}) + "\n")
+    (root / "scenes.json").write_text(json.dumps(scenes))
 
 
 def draw_data(root: Path, recipe: Recipe, seed: int) -> None:
     # One generator per split: the splits do not depend on each other's sizes.
     write_train(root / "train", recipe.train_images, np.random.default_rng([seed, 0]))
-    write_winoground(root / "val", recipe.val_examples, np.random.default_rng([seed, 1]))
-    write_winoground(root / "test", recipe.test_examples, np.random.default_rng([seed, 2]))
+    write_winoground(root / "val", recipe.val_examples, VAL_BLOCKS, np.random.default_rng([seed, 1]))
+    write_winoground(root / "test", recipe.test_examples, TEST_BLOCKS, np.random.default_rng([seed, 2]))
+    write_winoground(root / "test-new-objects", recipe.new_objects_examples, (NEW_OBJECT_BLOCK,),
+                     np.random.default_rng([seed, 3]))
 
 
-# ----------------------------------------------------------------------------- phase 2: the tokenizer
+# ----------------------------------------------------------------------------- phase 2: learn the tokenizer
 
 
 def learn_bpe(texts: list[str]) -> list[tuple[str, str]]:
@@ -281,7 +319,7 @@ def write_tokenizer(folders: list[Path], texts: list[str]) -> Tokenizer:
     return Tokenizer(encoder, merges)
 
 
-# ----------------------------------------------------------------------------- the training phases
+# ----------------------------------------------------------------------------- phases 3–5: train the models
 
 
 @dataclass
@@ -336,9 +374,15 @@ def optimise(model_params, steps: int, peak_lr: float, loss_fn, desc: str, weigh
     return loss.item()
 
 
-def pretrain_clip(train: TrainSet, tokenizer: Tokenizer, recipe: Recipe, seed: int) -> CLIP:
+# ----------------------------------------------------------------------------- phase 3: pre-train two CLIPs
+
+
+def pretrain_clip(train: TrainSet, tokenizer: Tokenizer, steps: int, batch: int, seed: int) -> CLIP:
     """CLIP's contrastive pre-training (Radford et al. 2021) on the train split: one random caption
-    per image, symmetric InfoNCE over the batch."""
+    per image, symmetric InfoNCE over the batch. Two are made, as SD 1.x's text encoder is the text
+    tower of OpenAI's CLIP ViT-L/14 while SDS-CLIP fine-tunes another CLIP (ViT-B/32): SD's, at
+    batch 128, and the CLIP to fine-tune, at batch 32, where a batch seldom holds an image's
+    swapped partner, so that it stays order-blind as real CLIP is."""
     torch.manual_seed(seed)
     config = CLIPConfig(text=TextConfig(**{**vars(CLIP_CONFIG.text), "vocab_size": len(tokenizer.encoder),
                                            "eos_token_id": tokenizer.eot_id}),
@@ -347,12 +391,15 @@ def pretrain_clip(train: TrainSet, tokenizer: Tokenizer, recipe: Recipe, seed: i
     rng = np.random.default_rng([seed, 10])
 
     def loss_fn(step):
-        pixels, captions = train.batch(rng, recipe.clip_batch)
+        pixels, captions = train.batch(rng, batch)
         return contrastive_loss(model(clip_pixels(pixels), tokenizer(captions)))  # logits_per_image (B, B)
 
     params = list(model.parameters())
-    optimise(params, recipe.clip_steps, 1e-3, loss_fn, "pre-train CLIP", weight_decay=0.05)
+    optimise(params, steps, 1e-3, loss_fn, f"pre-train CLIP (batch {batch})", weight_decay=0.05)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- phase 4: train the VAE
 
 
 def train_vae(train: TrainSet, recipe: Recipe, seed: int) -> VAE:
@@ -373,10 +420,17 @@ def train_vae(train: TrainSet, recipe: Recipe, seed: int) -> VAE:
 
     optimise(list(vae.parameters()), recipe.vae_steps, 2e-3, loss_fn, "train VAE")
     vae.eval()
-    with torch.no_grad():
-        latents = vae.encode(vae_pixels(train.pixels[:512])).sample(generator)
-    vae.config.scaling_factor = float(1 / latents.std())
+    vae.config.scaling_factor = latent_scale(vae, train.pixels[:512], generator)
     return vae
+
+
+@torch.no_grad()
+def latent_scale(vae: VAE, pixels: torch.Tensor, generator: torch.Generator) -> float:
+    """1 / std of the latents of `pixels` (uint8): scaled latents have unit variance."""
+    return float(1 / vae.encode(vae_pixels(pixels)).sample(generator).std())
+
+
+# ----------------------------------------------------------------------------- phase 5: train the UNet
 
 
 def train_unet(train: TrainSet, vae: VAE, text_encoder: CLIP, tokenizer: Tokenizer, recipe: Recipe,
@@ -389,10 +443,14 @@ def train_unet(train: TrainSet, vae: VAE, text_encoder: CLIP, tokenizer: Tokeniz
     schedule = NoiseSchedule()
     rng = np.random.default_rng([seed, 30])
     generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the posterior of every training image, once
+    with torch.no_grad():  # once: the posterior of every training image, and c of every distinct caption
         moments = [vae.encode(vae_pixels(p)) for p in train.pixels.split(256)]
         mean = torch.cat([m.mean for m in moments])
         std = torch.cat([m.std for m in moments])
+        texts = sorted({c for cs in train.captions for c in cs} | {""})
+        row = {text: i for i, text in enumerate(texts)}
+        contexts = torch.cat([encode_prompt(text_encoder, tokenizer, texts[i:i + 512])  # (U, 77, 64)
+                              for i in range(0, len(texts), 512)])
 
     def loss_fn(step):
         index = torch.from_numpy(rng.choice(len(train.captions), recipe.unet_batch, replace=False))
@@ -400,8 +458,7 @@ def train_unet(train: TrainSet, vae: VAE, text_encoder: CLIP, tokenizer: Tokeniz
                     for i in index.tolist()]
         z0 = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator))
         z0 = z0 * vae.config.scaling_factor  # z_0: a latent sample × scaling_factor
-        with torch.no_grad():
-            context = encode_prompt(text_encoder, tokenizer, captions)  # c: SD's conditioning, (B, 77, 64)
+        context = contexts[[row[c] for c in captions]]  # c: SD's conditioning, (B, 77, 64)
         t = schedule.sample_timesteps(len(index), generator)  # t ~ U{0, …, 999}
         noise = torch.randn(z0.shape, generator=generator)  # ε ~ N(0, I)
         z_t = schedule.add_noise(z0, noise, t)  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
@@ -418,17 +475,16 @@ def text_tower(clip: CLIP) -> CLIP:
     return encoder.eval()
 
 
-def write_sd(folder: Path, text_encoder: CLIP, vae: VAE, unet: UNet, tokenizer_dir: Path) -> None:
-    """A diffusers StableDiffusionPipeline folder."""
+def write_sd(folder: Path, text_encoder: CLIP, vae: VAE, unet: UNet) -> None:
+    """A diffusers StableDiffusionPipeline folder (write_tokenizer has written its tokenizer/)."""
     save_clip(text_encoder, folder / "text_encoder")
     save_vae(vae, folder / "vae")
     save_unet(unet, folder / "unet")
-    shutil.copytree(tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}, indent=2) + "\n")
+        "_class_name": "PNDMScheduler", "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": BETA_START,
+        "beta_end": BETA_END, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}, indent=2) + "\n")
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -437,49 +493,219 @@ def write_sd(folder: Path, text_encoder: CLIP, vae: VAE, unet: UNet, tokenizer_d
         indent=2) + "\n")
 
 
-def contact_sheet(root: Path, file: Path, columns: int = 4, rows: int = 3) -> None:
-    """The first test examples, one per column: image 0 over image 1, each under its caption."""
+
+
+# ----------------------------------------------------------------------------- phase 6: check the teacher
+
+READER_DISTANCE = 60.0  # a pixel this close to a palette colour (RGB distance) is read as that colour
+READER_MIN_PIXELS = 4  # a half with fewer such pixels holds no object
+GUIDANCE = 4.0  # classifier-free guidance scale of the sampler (chosen on val)
+SAMPLE_STEPS = 25  # DDIM steps
+CHECK_TIMESTEPS = 100  # the diffusion score's timesteps in the checks
+
+
+def read_colours(image: Image.Image, axis: str) -> tuple[str | None, str | None]:
+    """A rule-based reader of the world's own pictures: the palette colour with the most pixels in
+    each half (left and right for axis "h", top and bottom for "v"), None for a half without one."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    distance = np.linalg.norm(pixels[:, :, None] - np.array(list(COLOURS.values()), np.float32), axis=-1)
+    nearest = np.where(distance.min(-1) < READER_DISTANCE, distance.argmin(-1), -1)  # (H, W): a colour or -1
+    if axis == "v":
+        nearest = nearest.T  # top and bottom become left and right
+    halves = []
+    for half in (nearest[:, : IMAGE_SIZE // 2], nearest[:, IMAGE_SIZE // 2 :]):
+        counts = np.bincount(half[half >= 0], minlength=len(COLOURS))
+        halves.append(list(COLOURS)[counts.argmax()] if counts.max() >= READER_MIN_PIXELS else None)
+    return halves[0], halves[1]
+
+
+def placed_right(image: Image.Image, scene: dict) -> bool:
+    """Both objects' colours where the scene puts them."""
+    return read_colours(image, scene["axis"]) == (scene["first"][0], scene["second"][0])
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → PIL images."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+@torch.no_grad()
+def sample(unet: UNet, vae: VAE, text_encoder: CLIP, tokenizer: Tokenizer, captions: list[str],
+           guidance: float = GUIDANCE, steps: int = SAMPLE_STEPS, seed: int = 0) -> torch.Tensor:
+    """Images for `captions`, (B, 3, H, W) in [-1, 1]: DDIM (Song et al. 2021, η = 0) with
+    classifier-free guidance (Ho & Salimans 2022), the empty prompt as the unconditional model."""
+    a = NoiseSchedule().alphas_cumprod  # ᾱ_t
+    context = encode_prompt(text_encoder, tokenizer, captions + [""])  # (B + 1, 77, D)
+    context = torch.cat([context[:-1], context[-1:].expand(len(captions), -1, -1)])  # c rows, then the empty prompt
+    size = unet.config.sample_size
+    z = torch.randn((len(captions), unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+    timesteps = torch.linspace(NUM_TRAIN_TIMESTEPS - 1, 0, steps).round().long()
+    for k, t in enumerate(timesteps):
+        eps_c, eps_u = unet(torch.cat([z, z]), t.repeat(2 * len(z)), context).chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)  # ε̂ = ε_u + s (ε_c − ε_u)
+        x0 = (z - (1 - a[t]).sqrt() * eps) / a[t].sqrt()  # x̂_0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+        a_next = a[timesteps[k + 1]] if k + 1 < steps else torch.tensor(1.0)
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps  # z_t' = √ᾱ_t' x̂_0 + √(1−ᾱ_t') ε̂
+    return vae.latents_to_images(z)
+
+
+def read_split(root: Path) -> tuple[list[dict], dict, list[Image.Image]]:
+    """A Winoground-layout split: its examples, scenes.json, and the images in the examples' order (0, 1, 0, 1, …)."""
     examples = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
-    examples = examples[: columns * rows]
+    names = [e[f"image_{k}"] for e in examples for k in range(2)]
+    images = [Image.open(root / "images" / f"{name}.png").convert("RGB") for name in names]
+    return examples, json.loads((root / "scenes.json").read_text()), images
+
+
+def group_by_tag(records: list[dict]) -> dict[str, float]:
+    return {tag: 100 * float(np.mean([r["group"] for r in records if r["collapsed_tag"] == tag]))
+            for tag in TAGS if any(r["collapsed_tag"] == tag for r in records)}
+
+
+def check_teacher(paths: dict[str, Path], splits=("val", "test", "new_objects"), timesteps: int = CHECK_TIMESTEPS,
+                  guidance: float = GUIDANCE, seed: int = 0) -> dict:
+    """The small SD and CLIP checked on each split: the reader on the real images, the VAE's
+    reconstructions (PSNR, reader), samples of every caption (reader), the diffusion score with
+    `timesteps` shared-noise timesteps (group per tag, plain and normalised; 0: not computed), and
+    CLIP's scores and image→caption R@1 among the split's distinct captions. Printed and returned."""
+    from eval_winoground import StableDiffusion, Winoground, clip_scores, diffusion_errors, score_examples
+    from eval_winoground import timestep_grid  # the scorers of eval_winoground.py, run in this process
+
+    sd = StableDiffusion.from_pretrained(paths["sd"])
+    clip, tokenizer = load_clip(paths["clip"]), Tokenizer.from_pretrained(paths["clip"])
+    checks = {}
+    for split in splits:
+        examples, scenes, images = read_split(paths[split])
+        truth = [scenes[e[f"image_{k}"]] for e in examples for k in range(2)]
+        captions = [e[f"caption_{k}"] for e in examples for k in range(2)]
+        real = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+        with torch.no_grad():
+            recon = torch.cat([sd.vae.decode(sd.vae.encode(vae_pixels(p)).mean) for p in real.split(256)])
+        mse = ((recon.clamp(-1, 1) - vae_pixels(real)) / 2).pow(2).mean()  # on [0, 1]
+        samples = torch.cat([sample(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, captions[i:i + 256], guidance,
+                                    seed=seed + i) for i in range(0, len(captions), 256)])
+        data = Winoground(paths[split])
+        clip_records = score_examples(data.examples, clip_scores(clip, tokenizer, data, data.examples))
+        drawn = [placed_right(im, s) for im, s in zip(to_pil(samples), truth)]  # image 2n + k: caption k of example n
+        recall_scene, recall_objects = caption_recall(clip, tokenizer, images, captions, truth)
+        checks[split] = {
+            "reader on real images": 100 * float(np.mean([placed_right(im, s) for im, s in zip(images, truth)])),
+            "VAE PSNR (dB)": float(-10 * torch.log10(mse)),
+            "reader on VAE reconstructions": 100 * float(np.mean([placed_right(im, s)
+                                                                  for im, s in zip(to_pil(recon), truth)])),
+            "reader on samples": 100 * float(np.mean(drawn)),
+            "reader on samples, per tag": {tag: 100 * float(np.mean([right for n, right in enumerate(drawn)
+                                                                     if examples[n // 2]["collapsed_tag"] == tag]))
+                                           for tag in TAGS},
+            "CLIP group per tag": group_by_tag(clip_records),
+            "CLIP image→caption R@1, scene": recall_scene,
+            "CLIP image→caption R@1, objects": recall_objects,
+        }
+        if timesteps:  # the costly part: 3 prompts × 2 images × timesteps UNet calls per example
+            errors = diffusion_errors(sd, data, data.examples, timestep_grid(timesteps), seed=seed, batch_size=600,
+                                      unconditional=True)  # (N, 3, 2, T)
+            plain = -errors[:, :2].mean(-1)  # s(c, i) = −E_t ‖ε_θ(z_t, t, c) − ε‖²
+            normalised = -(errors[:, :2] - errors[:, 2:]).mean(-1)  # minus the empty prompt's error
+            checks[split]["diffusion group per tag"] = group_by_tag(score_examples(data.examples, plain))
+            checks[split]["diffusion group per tag, image score normalised"] = group_by_tag(
+                score_examples(data.examples, plain, normalised))
+        print(f"{split}: " + "; ".join(f"{k} {v:.1f}" if isinstance(v, float) else
+                                        f"{k} " + " / ".join(f"{t} {x:.1f}" for t, x in v.items())
+                                        for k, v in checks[split].items()), flush=True)
+    return checks
+
+
+@torch.no_grad()
+def caption_recall(clip: CLIP, tokenizer: Tokenizer, images: list[Image.Image], captions: list[str],
+                   truth: list[dict]) -> tuple[float, float]:
+    """Image → caption R@1 (%) among the distinct `captions` (caption i is one of image i's, and
+    truth[i] its scene): the nearest caption describes the image's scene (any paraphrase counts);
+    and, the base skill an order-blind model can have, it names the image's two objects."""
+    scene_of = {caption: scene for caption, scene in zip(captions, truth)}
+    texts = sorted(scene_of)
+    pixels = clip_pixels(torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]))
+    image_embeds = F.normalize(clip.encode_image(pixels), dim=-1)
+    text_embeds = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
+    found = [scene_of[texts[b]] for b in (image_embeds @ text_embeds.T).argmax(-1).tolist()]
+
+    def objects(scene):
+        return {tuple(scene["first"]), tuple(scene["second"])}
+
+    return (100 * float(np.mean([f == s for f, s in zip(found, truth)])),
+            100 * float(np.mean([objects(f) == objects(s) for f, s in zip(found, truth)])))
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def sheet(columns: list[list[tuple[Image.Image, str]]], file: Path) -> None:
+    """A grid of pictures, each under its caption; one list of (image, caption) per column."""
     side, text_h, width = 4 * IMAGE_SIZE, 48, 4 * IMAGE_SIZE + 40
-    height = 2 * (side + text_h)
-    sheet = Image.new("RGB", (columns * width, -(-len(examples) // columns) * height), "white")
-    pen = ImageDraw.Draw(sheet)
-    for n, example in enumerate(examples):
-        x, y = (n % columns) * width + 4, (n // columns) * height
-        for k in range(2):
-            image = Image.open(root / "images" / f"{example[f'image_{k}']}.png")
-            sheet.paste(image.resize((side, side), Image.NEAREST), (x, y + 4))
-            lines, line = [], f"[{example['tag']}]" if k == 0 else ""
-            for word in example[f"caption_{k}"].split():  # wrap the caption to the cell's width
+    rows = max(len(c) for c in columns)
+    canvas = Image.new("RGB", (len(columns) * width, rows * (side + text_h)), "white")
+    pen = ImageDraw.Draw(canvas)
+    for n, column in enumerate(columns):
+        x, y = n * width + 4, 0
+        for image, caption in column:
+            canvas.paste(image.resize((side, side), Image.NEAREST), (x, y + 4))
+            lines, line = [], ""
+            for word in caption.split():  # wrap the caption to the cell's width
                 if line and pen.textlength(f"{line} {word}") > width - 8:
                     lines, line = lines + [line], word
                 else:
                     line = f"{line} {word}".strip()
             pen.multiline_text((x, y + side + 6), "\n".join(lines + [line]), fill="black", spacing=2)
             y += side + text_h
-    sheet.save(file)
+    canvas.save(file)
+
+
+def contact_sheet(root: Path, file: Path, count: int = 12) -> None:
+    """The first test examples, one per column: image 0 over image 1, each under its caption."""
+    examples, _, images = read_split(root)
+    sheet([[(images[2 * n], f"[{e['tag']}] {e['caption_0']}"), (images[2 * n + 1], e["caption_1"])]
+           for n, e in enumerate(examples[:count])], file)
+
+
+def samples_sheet(paths: dict[str, Path], file: Path, count: int = 12, guidance: float = GUIDANCE) -> None:
+    """The captions of the first test examples: the real image above the small SD's sample."""
+    examples, _, images = read_split(paths["test"])
+    sd = {"unet": load_unet(paths["sd"] / "unet"), "vae": load_vae(paths["sd"] / "vae"),
+          "text_encoder": load_clip(paths["sd"] / "text_encoder"),
+          "tokenizer": Tokenizer.from_pretrained(paths["sd"] / "tokenizer")}
+    captions = [e["caption_0"] for e in examples[:count]]
+    drawn = to_pil(sample(**sd, captions=captions, guidance=guidance))
+    sheet([[(images[2 * n], f"real: {c}"), (drawn[n], "sampled")] for n, c in enumerate(captions)], file)
 
 
 # ----------------------------------------------------------------------------- the recipe
 
 
-def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, recipe: Recipe | None = None) -> dict[str, Path]:
-    """Build the world into `out` (or reuse a complete build with the same settings); return its paths."""
-    out = Path(out)
-    paths = {"train": out / "data" / "train", "val": out / "data" / "val", "test": out / "data" / "test",
-             "clip": out / "clip", "sd": out / "sd"}
-    recipe = recipe or (QUICK if quick else Recipe())
-    settings = {"version": VERSION, "seed": seed, "quick": quick, "recipe": vars(recipe)}
-    marker = out / "build.json"
-    if marker.is_file() and {k: v for k, v in json.loads(marker.read_text()).items() if k in settings} == settings:
-        return paths
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+def sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def is_toy_build(folder: Path) -> bool:
+    """The folder holds a build.json that this script wrote."""
+    try:
+        return json.loads((folder / "build.json").read_text()).get("toy_world") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def fresh_folder(folder: Path) -> None:
+    """Empty `folder` for a build: only ever remove a folder this script built."""
+    if folder.exists() and any(folder.iterdir()) and not is_toy_build(folder):
+        raise SystemExit(f"{folder} exists and is not a toy-world build (no build.json written by "
+                         f"weights/toyworld.py): nothing was removed; choose a new or empty folder with --out")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
+def train_models(data: Path, models: Path, recipe: Recipe, seed: int) -> dict:
+    """Phases 2–5 on the drawn data: the tokenizer, the two CLIPs, the VAE and the UNet, written into
+    `models` (clip/ and sd/); returns the seconds of each phase."""
     times = {}
-    torch_threads = torch.get_num_threads()
-    print(f"building the toy world in {out} (seed {seed}{', quick' if quick else ''}; cached afterwards)")
 
     def phase(name, fn, *args):
         start = time.perf_counter()
@@ -487,28 +713,94 @@ def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, recipe: Recip
         times[name] = round(time.perf_counter() - start, 1)
         return result
 
-    phase("draw the data", draw_data, out / "data", recipe, seed)
-    train = TrainSet.read(paths["train"])
-    tokenizer = phase("write the tokenizer", write_tokenizer, [paths["clip"], paths["sd"] / "tokenizer"],
+    for sub in ("clip", "sd"):
+        shutil.rmtree(models / sub, ignore_errors=True)
+    train = TrainSet.read(data / "train")
+    tokenizer = phase("2. learn the tokenizer", write_tokenizer, [models / "clip", models / "sd" / "tokenizer"],
                       [c for cs in train.captions for c in cs])
-    clip = phase("pre-train CLIP", pretrain_clip, train, tokenizer, recipe, seed)
-    save_clip(clip, paths["clip"])
-    text_encoder = text_tower(clip)
-    vae = phase("train the VAE", train_vae, train, recipe, seed)
-    unet = phase("train the UNet", train_unet, train, vae, text_encoder, tokenizer, recipe, seed)
-    write_sd(paths["sd"], text_encoder, vae, unet, paths["clip"])
-    contact_sheet(paths["test"], out / "contact_sheet.png")
-    marker.write_text(json.dumps({**settings, "torch_threads": torch_threads, "seconds": times,
-                                  "total_seconds": round(sum(times.values()), 1)}, indent=2) + "\n")
-    print("built: " + ", ".join(f"{name} {s:.0f} s" for name, s in times.items())
-          + f"; see {out / 'contact_sheet.png'}")
+    text_encoder = text_tower(phase("3a. pre-train SD's CLIP", pretrain_clip, train, tokenizer,
+                                    recipe.text_clip_steps, recipe.text_clip_batch, seed))
+    clip = phase("3b. pre-train the CLIP to fine-tune", pretrain_clip, train, tokenizer, recipe.clip_steps,
+                 recipe.clip_batch, seed)
+    save_clip(clip, models / "clip")
+    vae = phase("4. train the VAE", train_vae, train, recipe, seed)
+    unet = phase("5. train the UNet", train_unet, train, vae, text_encoder, tokenizer, recipe, seed)
+    write_sd(models / "sd", text_encoder, vae, unet)
+    return times
+
+
+def model_files(models: Path) -> dict[str, str]:
+    return {str(f.relative_to(models)): sha256(f) for sub in ("clip", "sd")
+            for f in sorted((models / sub).rglob("*")) if f.is_file()}
+
+
+def check_shipped(models: Path) -> None:
+    """The shipped models are whole: every file that models.json lists, with its sha256."""
+    try:
+        listed = json.loads((models / "models.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{models / 'models.json'} cannot be read ({err}): restore weights/toy-models with `git "
+                         f"checkout weights/toy-models`, or train them with `python weights/toyworld.py --rebuild`")
+    for name, digest in listed.items():
+        if not (models / name).is_file() or sha256(models / name) != digest:
+            raise SystemExit(f"{models / name} is missing or differs from the sha256 in {models / 'models.json'}: "
+                             f"restore it with `git checkout weights/toy-models`, or train the models again with "
+                             f"`python weights/toyworld.py --rebuild`")
+
+
+def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, rebuild: bool = False,
+          models: Path = MODELS_DIR) -> dict[str, Path]:
+    """The world's data, drawn into `out`/data (or reused when drawn with the same settings), and its
+    models: the shipped ones in `models`, checked by sha256; with `rebuild`, trained from scratch
+    into `models`; with `quick`, small ones trained into `out`/models. Returns the paths."""
+    out = Path(out)
+    recipe = QUICK if quick else Recipe()
+    models = out / "models" if quick else Path(models)
+    if not (quick or rebuild) and seed != 0:
+        raise SystemExit("the shipped toy models were trained on the data of --seed 0; for another seed, "
+                         "train them too with --rebuild (and --models DIR to keep the shipped ones)")
+    data = out / "data"
+    paths = {"train": data / "train", "val": data / "val", "test": data / "test",
+             "new_objects": data / "test-new-objects", "clip": models / "clip", "sd": models / "sd"}
+    settings = {"toy_world": True, "version": VERSION, "seed": seed, "quick": quick,
+                "data": {k: getattr(recipe, k) for k in DATA_SIZES}}
+    if not (is_toy_build(out) and {k: v for k, v in json.loads((out / "build.json").read_text()).items()
+                                   if k in settings} == settings):
+        fresh_folder(out)
+        print(f"drawing the toy world's data in {data} (seed {seed}{', quick' if quick else ''}; cached afterwards)")
+        start = time.perf_counter()
+        draw_data(data, recipe, seed)
+        contact_sheet(paths["test"], out / "contact_sheet.png")
+        (out / "build.json").write_text(json.dumps({**settings, "seconds": round(time.perf_counter() - start, 1)},
+                                                   indent=2) + "\n")
+    record = models / "models.json"
+    trained = {"version": VERSION, "seed": seed, "recipe": vars(recipe)}
+    if rebuild or (quick and not (record.is_file() and json.loads(record.read_text()).get("settings") == trained)):
+        models.mkdir(parents=True, exist_ok=True)
+        print(f"training the toy models into {models} (seed {seed}{', quick' if quick else ''})")
+        times = train_models(data, models, recipe, seed)
+        record.write_text(json.dumps({"settings": trained, "torch": torch.__version__,
+                                      "torch_threads": torch.get_num_threads(), "seconds": times,
+                                      "sha256": model_files(models)}, indent=2) + "\n")
+        print("trained: " + ", ".join(f"{name} {s:.0f} s" for name, s in times.items()))
+    elif not quick:
+        check_shipped(models)
     return paths
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(TOY_DIR), help="where to build (default: weights/toy)")
+    parser.add_argument("--out", default=str(TOY_DIR), help="where the data is drawn (default: weights/toy)")
+    parser.add_argument("--models", default=str(MODELS_DIR), help="the models' folder (default: weights/toy-models)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data and every model's training")
-    parser.add_argument("--quick", action="store_true", help="a small functional build in under a minute (tests)")
+    parser.add_argument("--rebuild", action="store_true", help="train every model from scratch into --models")
+    parser.add_argument("--check", action="store_true", help="print the teacher's checks (after --rebuild: always)")
+    parser.add_argument("--quick", action="store_true", help="a small functional build in a minute (tests)")
     args = parser.parse_args()
-    build(Path(args.out), args.seed, args.quick)
+    paths = build(Path(args.out), args.seed, args.quick, args.rebuild, Path(args.models))
+    if args.check or args.rebuild:
+        checks = check_teacher(paths)
+        if args.rebuild:  # the checks of the models as trained, beside their recipe
+            record = Path(paths["clip"]).parent / "models.json"
+            record.write_text(json.dumps({**json.loads(record.read_text()), "checks": checks}, indent=2) + "\n")
+            samples_sheet(paths, Path(paths["clip"]).parent / "samples.png")
