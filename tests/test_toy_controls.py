@@ -1,0 +1,159 @@
+"""tests/toy_controls.py: the hard negatives are the world's swapped captions, the NegCLIP loss is its
+formula, the positive control is train.py's λ = 0 control but for the loss, the probe finds what is
+there and nothing else, and the probes, retention and the h_w picture run on the quick world."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+import toy_controls as tc
+import train
+from clip import Tokenizer, load_clip, save_clip
+from sds import Mapper, contrastive_loss
+from vae import load_vae
+from weights import toyworld
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return toyworld.build(tmp_path_factory.mktemp("toy"), seed=0, quick=True)
+
+
+def test_hard_negatives_of_known_captions():
+    assert tc.hard_negative("a red circle left of a blue square") == [
+        "a blue circle left of a red square", "a blue square left of a red circle"]
+    assert tc.hard_negative("there is the yellow triangle on the left and the purple cross on the right") == [
+        "there is the purple triangle on the left and the yellow cross on the right",
+        "there is the purple cross on the left and the yellow triangle on the right"]
+    with pytest.raises(ValueError, match="two objects"):
+        tc.hard_negative("a picture of a red circle")
+
+
+def test_hard_negatives_describe_the_swapped_scenes_for_every_template():
+    """Any caption of a scene → the same template filled from the colour-swapped scene and from the
+    scene with its objects' places exchanged."""
+    scene = toyworld.Scene(("red", "circle"), ("blue", "square"), "h")
+    colours_swapped = toyworld.Scene(("blue", "circle"), ("red", "square"), "h")
+    places_swapped = toyworld.Scene(scene.second, scene.first, "h")
+    for axis in ("h", "v"):
+        scenes = [toyworld.Scene(s.first, s.second, axis) for s in (scene, colours_swapped, places_swapped)]
+        templates = toyworld.RELATIONAL[axis] + toyworld.CLAUSES[axis]
+        for template, article, prefix in itertools.product(templates, toyworld.ARTICLES, toyworld.PREFIXES):
+            caption, attribute, objects = (toyworld.describe(s, template, article, prefix) for s in scenes)
+            assert tc.hard_negative(caption) == [attribute, objects], caption
+
+
+def test_negclip_loss_against_the_formula():
+    f = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)  # f_φ(x_i)
+    g = torch.tensor([[2.0, 0.5], [0.0, 1.0]], dtype=torch.float64)  # g_φ(y_j)
+    negatives = torch.tensor([[1.0, 0.1], [-1.0, 1.0], [0.5, 0.5]], dtype=torch.float64)  # g_φ(ỹ_m)
+    tau = torch.tensor(math.log(3.0), dtype=torch.float64)
+    texts = torch.cat([g, negatives])
+
+    def s(i, j):  # e^τ cos(f_i, text_j)
+        return 3.0 * float(f[i] @ texts[j]) / (float(f[i].norm()) * float(texts[j].norm()))
+
+    image_to_text = [-s(i, i) + math.log(sum(math.exp(s(i, j)) for j in range(5))) for i in range(2)]
+    text_to_image = [-s(j, j) + math.log(sum(math.exp(s(i, j)) for i in range(2))) for j in range(2)]
+    expected = (sum(image_to_text) / 2 + sum(text_to_image) / 2) / 2
+    assert tc.negclip_loss(f, g, negatives, tau).item() == pytest.approx(expected, abs=1e-6)
+    # no negatives: CLIP's loss
+    logits = 3.0 * F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).T
+    assert tc.negclip_loss(f, g, negatives[:0], tau).item() == pytest.approx(contrastive_loss(logits).item(), abs=1e-6)
+
+
+def changed(before: dict, folder) -> set[str]:
+    after = load_clip(folder).state_dict()
+    return {key for key in before if not torch.equal(before[key], after[key])}
+
+
+def test_finetune_moves_the_layernorms_or_every_weight(world, tmp_path):
+    before = load_clip(world["clip"]).state_dict()
+    layernorms = {key for key in before if "layer_norm" in key or "layrnorm" in key or "layernorm" in key}
+    runs = {}
+    for name, all_weights in (("ln", False), ("ln-again", False), ("all", True)):
+        runs[name] = tc.finetune_hard_negatives(world["clip"], world["train"], tmp_path / name, seed=1,
+                                                all_weights=all_weights, max_steps=2, flags=["--device=cpu"])
+    moved = changed(before, runs["ln"])
+    assert moved and moved <= layernorms
+    assert changed(before, runs["all"]) >= moved | {"visual_projection.weight", "text_projection.weight"}
+    assert changed(load_clip(runs["ln"]).state_dict(), runs["ln-again"]) == set()  # seeded: the same weights
+    Tokenizer.from_pretrained(runs["ln"])  # eval_winoground.py reads the folder
+    record = json.loads((runs["ln"] / tc.RUN_FILE).read_text())
+    assert len(record["losses"]) == 2 and record["settings"]["lr"] == toyworld.TRAIN_DEFAULTS["lr"]
+    assert record["trainable"] == sum(before[key].numel() for key in layernorms)
+
+
+def test_without_negatives_it_is_train_pys_control(world, tmp_path):
+    """The same weights as `train.py` with λ = 0 after 3 steps: the same data, captions, schedule and
+    freezing; with the hard negatives, other weights."""
+    settings = {**toyworld.TRAIN_DEFAULTS, "sds_weight": 0.0}
+    train.main(["--clip", str(world["clip"]), "--sd", str(world["sd"]), "--coco_root", str(world["train"]),
+                "--out", str(tmp_path / "control"), "--device", "cpu", "--max_steps", "3", *tc.as_flags(settings)])
+    control = load_clip(tmp_path / "control").state_dict()
+    for hard_negatives in (False, True):
+        folder = tc.finetune_hard_negatives(world["clip"], world["train"], tmp_path / str(hard_negatives), seed=0,
+                                            max_steps=3, flags=["--device=cpu"], hard_negatives=hard_negatives)
+        assert (changed(control, folder) == set()) == (not hard_negatives)
+
+
+def test_probe_finds_separable_classes_and_not_shuffled_ones():
+    generator = torch.Generator().manual_seed(0)
+    means = 6 * torch.randn(3, 8, generator=generator)
+
+    def draw(n):
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        return means[labels] + torch.randn(n, 8, generator=generator), labels
+
+    (x, y), (x_test, y_test) = draw(300), draw(600)
+    assert tc.probe(x, y, x_test, y_test) >= 99
+    shuffled = y[torch.randperm(len(y), generator=generator)]
+    assert abs(tc.probe(x, shuffled, x_test, y_test) - 100 / 3) < 10
+
+
+def test_zero_shot_counts_the_top_two_prompts():
+    scenes = [{"first": list(tc.OBJECTS[i]), "second": list(tc.OBJECTS[j]), "axis": "h"} for i, j in
+              ((0, 5), (1, 6), (2, 7))]
+    similarity = torch.zeros(3, len(tc.OBJECTS))
+    similarity[0, [5, 0]] = torch.tensor([2.0, 1.0])  # both objects on top
+    similarity[1, [1, 9]] = torch.tensor([2.0, 1.0])  # one object, then another
+    similarity[2, [9, 10]] = torch.tensor([2.0, 1.0])  # two others
+    assert tc.zero_shot(similarity, scenes) == pytest.approx((100 / 3, 200 / 3))
+
+
+def test_probes_and_retention_run_on_the_quick_world(world):
+    probes = tc.binding_probe(world["clip"], world, split="test")
+    kept = tc.retention(world["clip"], world, split="test")
+    assert set(probes) == {f"{q}, {t}" for q in tc.QUESTIONS for t in ("image", "text", "chance")} | {
+        "first colour, from the colours alone"}
+    assert all(0 <= v <= 100 for v in [*probes.values(), *kept.values()])
+    assert probes["first colour, from the colours alone"] >= probes["first colour, chance"]
+    assert kept["zero-shot objects, top 2 exact"] <= kept["zero-shot objects, top 1 present"]
+
+
+def test_hw_picture_decodes_scaled_latents(world, tmp_path):
+    """An h_w that always answers z_0 = (the VAE's latent of one image) × scaling_factor draws that image's
+    reconstruction: the picture undoes SD's latent scale."""
+    vae = load_vae(world["sd"] / "vae")
+    _, _, images = toyworld.read_split(world["test"])
+    with torch.no_grad():
+        latent = vae.encode(toyworld.vae_pixels(tc.as_pixels(images[:1]))).mean  # (1, 4, h, w)
+        reconstruction = vae.decode(latent)
+    clip = load_clip(world["clip"])
+    mapper = Mapper(clip.config.projection_dim, tuple(latent.shape[1:]))
+    torch.nn.init.zeros_(mapper.proj.weight)
+    mapper.proj.bias.data = (latent * vae.config.scaling_factor).flatten()
+    run = tmp_path / "run"
+    save_clip(clip, run)
+    save_file(mapper.state_dict(), run / "mapper.safetensors", metadata={"latent_shape": json.dumps(latent.shape[1:])})
+    decoded = tc.hw_picture({"fixed h_w": run}, world, tmp_path / "hw.png", count=3)
+    assert decoded["fixed h_w"].shape == (3, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
+    assert torch.allclose(decoded["fixed h_w"], reconstruction.expand(3, -1, -1, -1), atol=1e-5)
+    assert np.array(Image.open(tmp_path / "hw.png")).std() > 0
