@@ -194,13 +194,14 @@ class Recipe:
     clip_batch: int = 32
     vae_steps: int = 400
     vae_batch: int = 32
+    decoder_steps: int = 1500  # then the decoder alone, as SD's VAE decoder was fine-tuned (sd-vae-ft-mse)
     unet_steps: int = 8000
     unet_batch: int = 64
 
 
 QUICK = Recipe(train_images=256, val_examples=12, test_examples=12, new_objects_examples=12, text_clip_steps=10,
-               text_clip_batch=32, clip_steps=10, clip_batch=32, vae_steps=5, vae_batch=8, unet_steps=10,
-               unet_batch=16)
+               text_clip_batch=32, clip_steps=10, clip_batch=32, vae_steps=5, vae_batch=8, decoder_steps=5,
+               unet_steps=10, unet_batch=16)
 DATA_SIZES = ("train_images", "val_examples", "test_examples", "new_objects_examples")  # the fields that shape the data
 
 CLIP_CONFIG = CLIPConfig(
@@ -422,6 +423,24 @@ def train_vae(train: TrainSet, recipe: Recipe, seed: int) -> VAE:
     vae.eval()
     vae.config.scaling_factor = latent_scale(vae, train.pixels[:512], generator)
     return vae
+
+
+def finetune_decoder(vae: VAE, train: TrainSet, recipe: Recipe, seed: int) -> VAE:
+    """The decoder alone, trained longer to reconstruct colours faithfully (Stability AI's fix for
+    SD's decoder, sd-vae-ft-mse): the encoder, and so the latents the UNet learns, stay as they are."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 21])
+    generator = torch.Generator().manual_seed(seed + 2)
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+
+    def loss_fn(step):
+        x = vae_pixels(train.batch(rng, recipe.vae_batch)[0])
+        with torch.no_grad():
+            z = vae.encode(x).sample(generator)
+        return F.mse_loss(vae.decode(z), x)
+
+    optimise(params, recipe.decoder_steps, 1e-3, loss_fn, "fine-tune the VAE's decoder")
+    return vae.eval()
 
 
 @torch.no_grad()
@@ -723,7 +742,8 @@ def train_models(data: Path, models: Path, recipe: Recipe, seed: int) -> dict:
     clip = phase("3b. pre-train the CLIP to fine-tune", pretrain_clip, train, tokenizer, recipe.clip_steps,
                  recipe.clip_batch, seed)
     save_clip(clip, models / "clip")
-    vae = phase("4. train the VAE", train_vae, train, recipe, seed)
+    vae = phase("4a. train the VAE", train_vae, train, recipe, seed)
+    vae = phase("4b. fine-tune the VAE's decoder", finetune_decoder, vae, train, recipe, seed)
     unet = phase("5. train the UNet", train_unet, train, vae, text_encoder, tokenizer, recipe, seed)
     write_sd(models / "sd", text_encoder, vae, unet)
     return times
