@@ -7,9 +7,9 @@ official layouts, so that train.py and eval_winoground.py read them exactly as t
 downloaded weights. It is a world for watching the method work and for measuring what the
 SDS term does beside a control; it is not a benchmark of real CLIPs.
 
-    python weights/toyworld.py                # draw the data (≈ 30 s) beside the shipped models
-    python weights/toyworld.py --check        # … and print the teacher's checks (≈ 15 min)
-    python weights/toyworld.py --rebuild      # train every model from scratch (≈ 1 h), then check
+    python weights/toyworld.py                # draw the data (≈ 15 s) beside the shipped models
+    python weights/toyworld.py --check        # … and print the teacher's checks (≈ 25 min)
+    python weights/toyworld.py --rebuild      # train every model from scratch (≈ 50 min), then check
     python weights/toyworld.py --quick --out DIR  # a small functional build in a minute (tests)
     python train.py --toy                     # draws the data if missing, then runs SDS-CLIP on it
 
