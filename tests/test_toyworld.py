@@ -79,6 +79,10 @@ def test_out_never_removes_a_folder_it_did_not_build(tmp_path):
         with pytest.raises(SystemExit, match="is not a toy-world build .* nothing was removed"):
             toyworld.build(mine, quick=True)
         assert (mine / "precious.txt").read_text() == "x" and (mine / "sub").is_dir()
+    (mine / "build.json").unlink()
+    with pytest.raises(SystemExit, match="holds files but no models.json: it is not a toy-models folder"):
+        toyworld.build(tmp_path / "data", rebuild=True, models=mine)  # --rebuild --models into a folder not ours
+    assert (mine / "precious.txt").read_text() == "x" and not (tmp_path / "data").exists()
 
 
 def test_shipped_models_are_whole_and_load():

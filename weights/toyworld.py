@@ -779,6 +779,9 @@ def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, rebuild: bool
     if not (quick or rebuild) and seed != 0:
         raise SystemExit("the shipped toy models were trained on the data of --seed 0; for another seed, "
                          "train them too with --rebuild (and --models DIR to keep the shipped ones)")
+    if rebuild and models.is_dir() and any(models.iterdir()) and not (models / "models.json").is_file():
+        raise SystemExit(f"{models} holds files but no models.json: it is not a toy-models folder, and nothing was "
+                         f"removed; choose a new or empty folder with --models")
     data = out / "data"
     paths = {"train": data / "train", "val": data / "val", "test": data / "test",
              "new_objects": data / "test-new-objects", "clip": models / "clip", "sd": models / "sd"}
