@@ -50,7 +50,7 @@ from clip import Tokenizer, hub_path, image_transform, load_clip, save_clip  # n
 from sds import Mapper  # noqa: E402
 from vae import load_vae  # noqa: E402
 from weights.toyworld import COLOURS, MODELS_DIR, SHAPES, TOY_DIR, TRAIN_DEFAULTS, build, caption_recall  # noqa: E402
-from weights.toyworld import clip_pixels, read_split, sheet, to_pil  # noqa: E402
+from weights.toyworld import as_pixels, clip_pixels, read_split, sheet, to_pil  # noqa: E402
 
 # "a red circle", "the blue square": the world's noun phrases
 NOUN_PHRASE = re.compile(rf"\b(a|the) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b", re.IGNORECASE)
@@ -237,11 +237,6 @@ def colour_pair(scene: dict) -> int:
 
 
 QUESTIONS = {"first colour": first_colour, "colour pair": colour_pair}
-
-
-def as_pixels(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images → uint8 pixels (N, 3, H, W)."""
-    return torch.from_numpy(np.stack([np.array(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
 def read_train(root: Path, count: int) -> tuple[torch.Tensor, list[list[str]], list[dict]]:

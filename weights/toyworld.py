@@ -344,6 +344,11 @@ class TrainSet:
         return self.pixels[index], [self.captions[i][rng.integers(len(self.captions[i]))] for i in index]
 
 
+def as_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images → uint8 (B, 3, H, W), as TrainSet holds them."""
+    return torch.from_numpy(np.stack([np.array(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+
+
 def clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, 32, 32) → CLIP's input, exactly clip.image_transform(32) of the PNG (no resize needed)."""
     mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
@@ -598,7 +603,7 @@ def check_teacher(paths: dict[str, Path], splits=("val", "test", "new_objects"),
         examples, scenes, images = read_split(paths[split])
         truth = [scenes[e[f"image_{k}"]] for e in examples for k in range(2)]
         captions = [e[f"caption_{k}"] for e in examples for k in range(2)]
-        real = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+        real = as_pixels(images)
         with torch.no_grad():
             recon = torch.cat([sd.vae.decode(sd.vae.encode(vae_pixels(p)).mean) for p in real.split(256)])
         mse = ((recon.clamp(-1, 1) - vae_pixels(real)) / 2).pow(2).mean()  # on [0, 1]
@@ -643,7 +648,7 @@ def caption_recall(clip: CLIP, tokenizer: Tokenizer, images: list[Image.Image], 
     and, the base skill an order-blind model can have, it names the image's two objects."""
     scene_of = {caption: scene for caption, scene in zip(captions, truth)}
     texts = sorted(scene_of)
-    pixels = clip_pixels(torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]))
+    pixels = clip_pixels(as_pixels(images))
     image_embeds = F.normalize(clip.encode_image(pixels), dim=-1)
     text_embeds = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
     found = [scene_of[texts[b]] for b in (image_embeds @ text_embeds.T).argmax(-1).tolist()]
