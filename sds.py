@@ -121,6 +121,34 @@ class Mapper(nn.Module):
         return self.proj(image_embeds).view(-1, *self.latent_shape)  # (B, D) → (B, C, H, W)
 
 
+@torch.no_grad()
+def fit_mapper(mapper: Mapper, image_embeds: torch.Tensor, latents: torch.Tensor, ridge: float = 1e-3) -> None:
+    """h_w fitted by ridge least squares (in float64) from CLIP image embeddings F (N, D) to the
+    images' own latents Z (N, C, H, W), SD's z_0 (the VAE's posterior mean × scaling_factor):
+
+        W, b = argmin Σ_n ‖W f_n + b − z_n‖² + α ‖W‖²,   α = ridge · tr(F̃ᵀF̃) / D   (F̃ = F − f̄)
+        W = (F̃ᵀF̃ + α I)⁻¹ F̃ᵀ Z̃,   b = z̄ − W f̄
+
+    A map fixed before training (GenHancer, DCR) cannot collapse to one generic latent, as a map
+    trained jointly with L_SDS can (W → 0: the UNet denoises one latent well under any caption)."""
+    f, z = image_embeds.double(), latents.flatten(1).double()
+    f_mean, z_mean = f.mean(0), z.mean(0)
+    f, z = f - f_mean, z - z_mean  # F̃, Z̃
+    gram = f.t() @ f  # F̃ᵀF̃, (D, D)
+    alpha = ridge * gram.diagonal().mean()  # α = ridge · tr(F̃ᵀF̃) / D
+    weight = torch.linalg.solve(gram + alpha * torch.eye(len(gram), dtype=gram.dtype), f.t() @ z)  # (D, C·H·W)
+    mapper.proj.weight.copy_(weight.t())
+    mapper.proj.bias.copy_(z_mean - f_mean @ weight)  # b = z̄ − W f̄
+
+
+@torch.no_grad()
+def r_squared(mapper: Mapper, image_embeds: torch.Tensor, latents: torch.Tensor) -> float:
+    """How much of the latents' variance h_w explains: 1 − Σ ‖z − h_w(f)‖² / Σ ‖z − z̄‖²."""
+    z = latents.flatten(1).double()
+    error = (z - mapper(image_embeds.to(mapper.proj.weight.dtype)).flatten(1).double()).pow(2).sum()
+    return 1 - (error / (z - z.mean(0)).pow(2).sum()).item()
+
+
 def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.Tensor, context: torch.Tensor,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None, mode: str = "full",
              generator: torch.Generator | None = None) -> torch.Tensor:

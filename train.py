@@ -2,7 +2,8 @@
 
 SDS-CLIP (Basu et al. 2023, https://arxiv.org/abs/2307.09233), as in the paper: only CLIP's
 LayerNorms (and the map h_w into the UNet's latent space) are trained, on MS-COCO 2017 train
-captions, for 5 epochs at batch 32 with AdamW lr 5e-5 and λ = 0.001:
+captions, for 5 epochs at batch 32 with AdamW lr 5e-5 and λ = 0.001 (--trainable image or all
+trains more of CLIP; --mapper fitted fits h_w to SD's latents first and freezes it):
 
     L = L_CLIP(f_φ(x), g_φ(y)) + λ · L_SDS(ε_θ, h_w(f_φ(x)), c = SD-text-encoder(y))
 
@@ -20,6 +21,7 @@ and finally the fine-tuned CLIP in Hugging Face layout (+ mapper.safetensors) to
     python train.py --resume              # continue from --out/checkpoint.safetensors
     python train.py --winoground weights/winoground  # Winoground before training, after each epoch
     python train.py --precision fp32      # float32 throughout (default: bf16 on CUDA, else fp32)
+    python train.py --trainable all --mapper fitted  # every CLIP weight; h_w fitted, then frozen
 
 --sds_mode full (the default, the paper's loss) backpropagates through the UNet: at batch 32
 that needs far more GPU memory than stopgrad; --gradient_checkpointing trades time for it.
@@ -31,6 +33,7 @@ captions or any other setting that defines the run.
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -56,9 +59,11 @@ from tqdm import tqdm
 from clip import OPEN_CLIP_WEIGHTS, Tokenizer, hub_path, image_transform, load_clip, open_image
 from clip import save_clip
 from eval_winoground import PRECISIONS, Winoground, autocast, can_write, clip_scores, format_table
-from eval_winoground import leaves_folder, score_examples, summarize
-from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, encode_prompt, sds_loss
+from eval_winoground import leaves_folder, score_examples, sd_image_transform, summarize
+from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, encode_prompt, fit_mapper, r_squared
+from sds import sds_loss
 from unet import load_unet
+from vae import load_vae
 from weights.toyworld import TRAIN_DEFAULTS, build
 
 CAPTIONS_FILE = "annotations/captions_train2017.json"
@@ -90,30 +95,47 @@ MAX_LR = torch.finfo(torch.float32).max * (1 - ADAM_BETAS[0])  # AdamW's first s
 class SDSCLIPLoss(nn.Module):
     """The objective, L = L_CLIP + λ·L_SDS, on a batch of image–caption pairs (x, y).
 
-    It holds what is trained, CLIP (only its LayerNorms keep requires_grad) and h_w, and how the
-    loss is formed: λ, the SDS mode and SD's noise schedule. The frozen UNet ε_θ is an argument,
-    not a submodule, so that DistributedDataParallel neither broadcasts nor watches its 860M
-    parameters. With several processes L_CLIP contrasts every process's pairs; L_SDS is per pair."""
+    It holds what is trained, CLIP (the paper: only its LayerNorms keep requires_grad) and h_w, and
+    how the loss is formed: λ, the SDS mode and SD's noise schedule. The frozen UNet ε_θ is an
+    argument, not a submodule, so that DistributedDataParallel neither broadcasts nor watches its
+    860M parameters. With several processes L_CLIP contrasts every process's pairs; L_SDS is per
+    pair. `embed_grad_sq` adds up ‖∂L_CLIP/∂f‖² and ‖∂(λ·L_SDS)/∂f‖², what each term sends to
+    CLIP's image embedding f = f_φ(x), as backward passes (`watch`; the loop reads and resets it)."""
 
     def __init__(self, clip: nn.Module, mapper: Mapper, sds_weight: float, sds_mode: str):
         super().__init__()
         self.clip, self.mapper = clip, mapper
         self.sds_weight, self.sds_mode = sds_weight, sds_mode  # λ; "full" or "stopgrad"
         self.schedule = NoiseSchedule()  # SD 1.x's ᾱ_t
+        self.embed_grad_sq = torch.zeros(2)  # [L_CLIP, λ·L_SDS]; not a buffer: DDP would broadcast it
 
     def forward(self, pixels, ids, context, t, noise, unet):
         """x (B, 3, S, S), y's ids (B, 77), c (B, 77, D_c), t (B,), ε (B, 4, h, w) → 3 losses."""
         image_embeds = self.clip.encode_image(pixels)  # f_φ(x), (B, D)
+        f_clip, f_sds = self.watch(image_embeds)  # f_φ(x) twice: one view for each loss term
         text_embeds = self.clip.encode_text(ids)  # g_φ(y), (B, D)
-        image_all = F.normalize(gather(image_embeds).float(), dim=-1)  # every process's, (B_all, D)
+        image_all = F.normalize(gather(f_clip).float(), dim=-1)  # every process's, (B_all, D)
         text_all = F.normalize(gather(text_embeds).float(), dim=-1)
         logits = self.clip.logit_scale.exp() * image_all @ text_all.t()  # S_ij = e^τ cos(f_i, g_j)
         l_clip = contrastive_loss(logits)  # L_CLIP = ½ [CE(S, diag) + CE(Sᵀ, diag)]
         # L_SDS = E_{t,ε} ‖ε_θ(√ᾱ_t h_w(f_φ(x)) + √(1−ᾱ_t) ε, t, c) − ε‖²
-        l_sds = sds_loss(unet, self.schedule, self.mapper, image_embeds, context, t=t, noise=noise,
+        l_sds = sds_loss(unet, self.schedule, self.mapper, f_sds, context, t=t, noise=noise,
                          mode=self.sds_mode)
         loss = l_clip + self.sds_weight * l_sds  # L = L_CLIP + λ·L_SDS
         return loss, l_clip, l_sds
+
+    def watch(self, image_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Two views of f_φ(x) whose backward hooks add each term's ‖∂L/∂f‖² to embed_grad_sq: no
+        extra backward pass, two (B, D) squared sums a step. (Under several processes a hook sees W
+        times one process's share of the gradient: the loop divides the norm by W.)"""
+        views = [image_embeds.view_as(image_embeds) for _ in range(2)]
+        if image_embeds.requires_grad:  # not in eval, nor when nothing of the image tower trains
+            for k, view in enumerate(views):
+                view.register_hook(functools.partial(self.add_grad_sq, k))
+        return views
+
+    def add_grad_sq(self, k: int, grad: torch.Tensor) -> None:
+        self.embed_grad_sq[k] += grad.detach().float().pow(2).sum()  # ‖∂L/∂f‖² over the batch
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -146,10 +168,20 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[start: start + ctx.rows[dist.get_rank()]]
 
 
-def freeze_all_but_layernorms(clip: nn.Module, image_only: bool) -> None:
-    """requires_grad only for the weight and bias of every nn.LayerNorm (pre_layrnorm, the
-    layer_norm1/2 of each block, post_layernorm, final_layer_norm), or of the image tower's only."""
-    clip.requires_grad_(False)
+TRAINABLE = {"layernorm": "CLIP LayerNorm", "image": "CLIP image tower + every LayerNorm",
+             "all": "CLIP (every weight)"}  # --trainable: what each choice trains
+
+
+def set_trainable(clip: nn.Module, trainable: str = "layernorm", image_only: bool = False) -> None:
+    """requires_grad for what --trainable names, every other CLIP weight frozen. "layernorm" (the
+    paper): the weight and bias of every nn.LayerNorm (pre_layrnorm, the layer_norm1/2 of each
+    block, post_layernorm, final_layer_norm), or with `image_only` of the image tower's only;
+    "image": every weight of the image tower and its projection (the only tower L_SDS reaches)
+    and every LayerNorm; "all": every CLIP weight, logit_scale included."""
+    clip.requires_grad_(trainable == "all")
+    if trainable == "image":
+        clip.vision_model.requires_grad_(True)
+        clip.visual_projection.requires_grad_(True)
     for module in (clip.vision_model if image_only else clip).modules():
         if isinstance(module, nn.LayerNorm):
             module.requires_grad_(True)
@@ -214,6 +246,7 @@ def train(run: Run) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         totals = torch.zeros(4, device=args.device)  # Σ L, L_CLIP, L_SDS, images
+        objective.embed_grad_sq = torch.zeros(2, device=args.device)  # the hooks add this step's
         for micro in range(args.grad_accum):
             # data: images x, a caption y each (drawn per image and epoch), c = SD's text encoder(y)
             pixels, ids, context = get_batch(run, data)
@@ -230,6 +263,8 @@ def train(run: Run) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf).item()
         totals = all_sum(totals)  # over the processes
         losses = (totals[:3] / (run.world * args.grad_accum)).tolist()  # means of L, L_CLIP, L_SDS
+        # ‖∂L_CLIP/∂f‖, ‖∂(λ·L_SDS)/∂f‖ on the step's batch: what each term sends to f_φ(x)
+        embed_grads = (all_sum(objective.embed_grad_sq).sqrt() / run.world).tolist()
         stop_unless_finite(run, step, losses, grad_norm)
         # save: these weights have just given a finite loss and gradient; every --save_every steps
         if step > 0 and args.save_every and step % args.save_every == 0 and step != run.saved_step:
@@ -240,7 +275,8 @@ def train(run: Run) -> None:
         stop_unless_finite(run, step)  # the weights and moments the update left
         run.step = step = step + 1
         # log: the progress bar and log.jsonl; Winoground after each epoch and at the end
-        log_step(run, progress, losses, lr, grad_norm, totals[3], time.perf_counter() - start)
+        log_step(run, progress, losses, lr, grad_norm, embed_grads, totals[3],
+                 time.perf_counter() - start)
         if step % run.steps_per_epoch == 0 or step == run.last_step:
             score_winoground(run)
     progress.close()
@@ -336,8 +372,9 @@ def main(argv=None) -> None:
 
 
 def setup(args: argparse.Namespace) -> Run:
-    """Processes and devices; the models, frozen but for CLIP's LayerNorms and h_w; AdamW; with
-    --resume, the checkpoint's state once it is shown to continue this run."""
+    """Processes and devices; the models, frozen but for what --trainable names and h_w (fitted
+    first with --mapper fitted, then frozen too); AdamW; with --resume, the checkpoint's state once
+    it is shown to continue this run."""
     rank, world = start_processes(args)
     path, device = Path(args.out) / CHECKPOINT_FILE, torch.device(args.device)
     meta, tensors = read_checkpoint(path, args.resume)  # without --resume: None, {}
@@ -361,13 +398,17 @@ def setup(args: argparse.Namespace) -> Run:
     except (FileNotFoundError, ValueError, ImportError) as err:  # ImportError: parquet, no pyarrow
         raise SystemExit(f"train.py: {err}") from None
     unet.gradient_checkpointing = args.gradient_checkpointing
-    sources = fingerprint(clip_path, sd, Path(args.coco_root))
+    sources = fingerprint(clip_path, sd, Path(args.coco_root), vae=args.mapper == "fitted")
     changes = check_resume(path, meta, args, sources) if meta else {}
     torch.manual_seed(args.seed)  # h_w's initial weights are a function of --seed alone
     mapper = Mapper.for_unet(clip.config.projection_dim, unet).to(device)  # h_w: (B, D) → latents
+    if args.mapper == "fitted":  # fitted to SD's latents, then frozen (a resume reads it back)
+        mapper.requires_grad_(False)
+        if not meta:
+            fit_mapper_to_latents(args, clip, mapper, dataset, sd, verbose=rank == 0)
 
-    # freeze everything but CLIP's LayerNorms (and h_w); the objective, AdamW, the steps
-    freeze_all_but_layernorms(clip, args.image_layernorms_only)
+    # freeze everything but what --trainable names (and h_w); the objective, AdamW, the steps
+    set_trainable(clip, args.trainable, args.image_layernorms_only)
     objective = SDSCLIPLoss(clip, mapper, args.sds_weight, args.sds_mode)
     trainable = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, args.lr, ADAM_BETAS, weight_decay=args.weight_decay)
@@ -395,7 +436,8 @@ def find_weights(args: argparse.Namespace) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{' and '.join(map(str, missing))} not found — run "
                                 f"`python weights/download.py {' '.join(p.name for p in missing)}`")
     clip, sd = hub_path(args.clip), hub_path(args.sd)
-    for folder in (clip, sd / "unet", sd / "text_encoder", sd / "tokenizer"):
+    parts = ("unet", "text_encoder", "tokenizer") + (("vae",) if args.mapper == "fitted" else ())
+    for folder in (clip, *(sd / part for part in parts)):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} not found — run `python weights/download.py`")
     check_scheduler(sd)  # an ε-prediction model with SD's noise schedule
@@ -406,11 +448,14 @@ def report(run: Run) -> None:
     """What a user needs to trust the run: what is trained and frozen, the batch, the steps, and
     where things go."""
     args, clip, out = run.args, run.objective.clip, Path(run.args.out)
-    n_layernorm = sum(p.numel() for p in clip.parameters() if p.requires_grad)
+    n_trained = sum(p.numel() for p in clip.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
     n_mapper = sum(p.numel() for p in run.objective.mapper.parameters())
     n_sd = sum(p.numel() for m in (run.unet, run.sd_text_encoder) for p in m.parameters())
-    print(f"trainable: {n_layernorm:,} CLIP LayerNorm + {n_mapper:,} h_w parameters; "
+    what = TRAINABLE[args.trainable] + (" (image tower only)" if args.image_layernorms_only else "")
+    mapper = (f"+ {n_mapper:,} h_w parameters" if args.mapper == "joint" else
+              f"(h_w's {n_mapper:,} parameters fitted, then frozen)")
+    print(f"trainable (--trainable {args.trainable}): {n_trained:,} {what} parameters {mapper}; "
           f"frozen: {n_frozen:,} CLIP + {n_sd:,} SD UNet and text encoder")
     print(run.dataset.summary())
     print(f"{len(run.dataset):,} images, batch {args.batch_size} ({run.world} process(es) × "
@@ -436,10 +481,23 @@ def finish(run: Run) -> None:
         if run.args.skip_bad_images:
             print(f"skipped {int(n_bad.item())} missing or unreadable image(s)"
                   + "".join(f"\n  {e}" for e in run.bad_images[:10]))
+        print(gradient_summary(Path(run.args.out) / LOG_FILE))
         if run.winoground is not None:
             print(winoground_table(Path(run.args.out) / LOG_FILE))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gradient_summary(log_file: Path) -> str:
+    """What each loss term sent to CLIP's image embedding, averaged over the logged steps."""
+    records = [r for r in map(json.loads, log_file.read_text().splitlines()) if "sds_grad_norm" in r]
+    if not records:
+        return "gradient on f_φ(x): no steps logged"
+    clip_norm = sum(r["clip_grad_norm"] for r in records) / len(records)
+    sds_norm = sum(r["sds_grad_norm"] for r in records) / len(records)
+    ratio = f"{sds_norm / clip_norm:.3g}" if clip_norm > 0 else "n/a (no gradient reaches f_φ(x))"
+    return (f"gradient on f_φ(x), mean over {len(records)} logged steps: L_CLIP {clip_norm:.3g}, "
+            f"λ·L_SDS {sds_norm:.3g}; ratio λ·L_SDS / L_CLIP {ratio}")
 
 
 def winoground_table(log_file: Path) -> str:
@@ -472,7 +530,13 @@ def get_args(argv=None) -> argparse.Namespace:
     add("--sds_weight", type=float, default=0.001, help="λ, the SDS loss's weight (paper: 0.001)")
     add("--sds_mode", choices=("full", "stopgrad"), default="full",
         help="full: the paper's loss through the UNet; stopgrad: DreamFusion's SDS gradient")
+    add("--trainable", choices=tuple(TRAINABLE), default="layernorm", help="what of CLIP trains: "
+        "layernorm (the paper), image (the image tower + every LayerNorm) or all (every weight)")
     add("--image_layernorms_only", action="store_true", help="only the image tower's LayerNorms (and h_w)")
+    add("--mapper", choices=("joint", "fitted"), default="joint", help="joint: h_w trained with "
+        "CLIP (the paper); fitted: h_w fitted to SD's latents by ridge least squares, then frozen")
+    add("--mapper_images", type=int, default=3000, help="--mapper fitted: training images it is "
+        "fitted on (1 in 10 held out for its R²; SD's VAE encodes each once)")
     add("--gradient_checkpointing", action="store_true", help="recompute UNet activations in backward")
     add("--max_steps", type=int, default=0, help="stop after N optimizer steps (0: all epochs)")
     add("--limit_images", type=int, default=0, help="use only the first N COCO images (0: all)")
@@ -519,9 +583,12 @@ def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.lr * args.weight_decay >= 1:
         p.error(f"--lr × --weight_decay must be below 1 (AdamW scales the weights by "
                 f"1 − lr·weight_decay each step); got {args.lr} × {args.weight_decay}")
+    if args.image_layernorms_only and args.trainable != "layernorm":
+        p.error(f"--image_layernorms_only picks among the LayerNorms: it needs --trainable layernorm, "
+                f"not {args.trainable}")
     for name in ("epochs", "batch_size", "grad_accum", "warmup_steps", "max_steps", "limit_images",
-                 "save_every", "log_every", "num_workers", "seed"):
-        least = 1 if name in ("epochs", "batch_size", "grad_accum") else 0
+                 "save_every", "log_every", "num_workers", "seed", "mapper_images"):
+        least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "mapper_images": 20}.get(name, 0)
         if getattr(args, name) < least:
             p.error(f"--{name} must be {least} or more; got {getattr(args, name)}")
     if not can_write(Path(args.out)):  # now, not after the models have loaded
@@ -619,6 +686,44 @@ class CocoCaptions(Dataset):
         return captions[np.random.default_rng((self.seed, epoch, index)).integers(len(captions))]
 
 
+def fit_mapper_to_latents(args, clip: nn.Module, mapper: Mapper, dataset: CocoCaptions, sd: Path,
+                          verbose: bool) -> None:
+    """--mapper fitted: h_w by ridge least squares (sds.fit_mapper) from the CLIP's image embeddings
+    of --mapper_images training images, evenly spaced over the dataset, to their own latents z_0
+    (SD's VAE, loaded for this only); one image in ten is held out and reports h_w's R²."""
+    device = torch.device(args.device)
+    try:
+        vae = load_vae(sd / "vae", device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"train.py: --mapper fitted: {err}") from None
+    size = mapper.latent_shape[-1] * vae.downsampling_factor  # SD's resolution: 64 × 8 = 512
+    to_sd, count = sd_image_transform(size), min(args.mapper_images, len(dataset))
+    index = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
+    embeds, latents = [], []
+    with torch.no_grad(), autocast(device, args.precision):
+        for chunk in tqdm(np.array_split(index, math.ceil(len(index) / 32)), desc="fitting h_w",
+                          disable=not verbose):
+            try:
+                images = [open_image(dataset.files[i], size=max(size, dataset.image_size or 0))
+                          for i in chunk]
+            except (FileNotFoundError, ValueError) as err:
+                raise SystemExit(f"train.py: --mapper fitted reads its images first: {err}") from None
+            pixels = torch.stack([dataset.transform(image) for image in images]).to(device)
+            embeds.append(clip.encode_image(pixels).float())  # f_φ(x), (n, D)
+            sd_pixels = torch.stack([to_sd(image) for image in images]).to(device)
+            latents.append(vae.images_to_latents(sd_pixels).float())  # z_0, (n, C, h, w)
+    embeds, latents = torch.cat(embeds), torch.cat(latents)
+    held_out = torch.zeros(len(index), dtype=torch.bool)
+    held_out[::10] = True  # one in ten
+    fit_mapper(mapper, embeds[~held_out], latents[~held_out])
+    if verbose:
+        print(f"h_w fitted by ridge least squares from CLIP's image embeddings to SD's latents "
+              f"(× scaling_factor {vae.config.scaling_factor}) of {int((~held_out).sum()):,} training "
+              f"images: R² {r_squared(mapper, embeds[~held_out], latents[~held_out]):.3f} on them, "
+              f"{r_squared(mapper, embeds[held_out], latents[held_out]):.3f} on "
+              f"{int(held_out.sum()):,} held out; then frozen")
+
+
 def collate(samples):
     good = [s for s in samples if s[0] is not None]
     pixels = torch.stack([s[0] for s in good]) if good else None  # (B, 3, S, S)
@@ -662,14 +767,22 @@ def check_images(pixels, errors: list[str], skip_bad_images: bool, device) -> li
 
 
 def trained_state(objective: SDSCLIPLoss, optimizer) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: the trained parameters, "param.<name>", and AdamW's state per
-    parameter, "adamw.<name>.step", ".exp_avg" (m) and ".exp_avg_sq" (v)."""
+    """What a checkpoint holds: the trained parameters, "param.<name>", a fitted and frozen h_w,
+    "fitted.<name>", and AdamW's state per parameter, "adamw.<name>.step", ".exp_avg" (m) and
+    ".exp_avg_sq" (v)."""
     names = {p: name for name, p in objective.named_parameters()}
     state = {f"param.{name}": p.detach() for name, p in objective.named_parameters()
              if p.requires_grad}
+    state |= {f"fitted.{name}": p.detach() for name, p in fitted_mapper(objective).items()}
     for p, moments in optimizer.state.items():
         state.update({f"adamw.{names[p]}.{key}": value.detach() for key, value in moments.items()})
     return state
+
+
+def fitted_mapper(objective: SDSCLIPLoss) -> dict[str, nn.Parameter]:
+    """h_w's parameters when it was fitted and frozen (--mapper fitted), else none."""
+    return {name: p for name, p in objective.named_parameters(remove_duplicate=False)
+            if name.startswith("mapper.") and not p.requires_grad}
 
 
 def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -729,11 +842,13 @@ def read_checkpoint(path: Path, resume: bool) -> tuple[dict | None, dict[str, to
     return meta, tensors
 
 
-def fingerprint(clip: Path, sd: Path, coco_root: Path) -> dict:
+def fingerprint(clip: Path, sd: Path, coco_root: Path, vae: bool = False) -> dict:
     """What a run trains from, by content: the sha256 of the CLIP's, the UNet's and SD's text
-    encoder's weights files and of the captions file (as the Hugging Face hub's LFS ids; ≈ 0.7 GB/s
-    on one core: some 7 s for ViT-B/32 + SD 1.x, 4.6 GB, at each start)."""
+    encoder's weights files (and the VAE's, which fits h_w with --mapper fitted) and of the captions
+    file (as the Hugging Face hub's LFS ids; ≈ 0.7 GB/s on one core: some 7 s for ViT-B/32 + SD 1.x,
+    4.6 GB, at each start)."""
     folders = {"clip": clip, "unet": sd / "unet", "text_encoder": sd / "text_encoder"}
+    folders |= {"vae": sd / "vae"} if vae else {}
     files = {key: next(folder / name for name in WEIGHTS_FILES if (folder / name).is_file())
              for key, folder in folders.items()} | {"captions": coco_root / CAPTIONS_FILE}
     sources = {}
@@ -757,7 +872,8 @@ def check_resume(path: Path, meta: dict, args: argparse.Namespace, sources: dict
     # --precision defines a run (it changes every loss and gradient) and is never forced by the
     # device: both run anywhere. A checkpoint from before --precision ran in its device's default.
     settings = meta["settings"]
-    saved = {"precision": default_precision(settings.get("device", "cpu"))} | settings
+    defaults = {"trainable": "layernorm", "mapper": "joint", "mapper_images": 3000}  # older ones
+    saved = {"precision": default_precision(settings.get("device", "cpu"))} | defaults | settings
     changed = {name: [saved.get(name), value] for name, value in vars(args).items()
                if name not in RESUMABLE_CHANGES and saved.get(name) != value}
     fixed = [f"--{name} {old!r} → {new!r}" for name, (old, new) in changed.items()
@@ -787,9 +903,19 @@ def restore(path: Path, meta: dict, tensors: dict, objective: SDSCLIPLoss, optim
     if wrong:
         raise SystemExit(f"train.py: {path} holds parameters of other shapes than this CLIP: "
                          f"{', '.join(wrong[:3])}")
+    fitted = fitted_mapper(objective)
+    if {f"fitted.{name}" for name in fitted} != {key for key in tensors if key.startswith("fitted.")}:
+        raise SystemExit(f"train.py: {path} holds no fitted h_w of this run's shape (--mapper "
+                         f"fitted writes one); resume with the checkpoint's --mapper")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
+        for name, p in fitted.items():
+            if tensors[f"fitted.{name}"].shape != p.shape:
+                raise SystemExit(f"train.py: {path} holds a fitted h_w of shape "
+                                 f"{tuple(tensors[f'fitted.{name}'].shape)} for {name}, this run's is "
+                                 f"{tuple(p.shape)}")
+            p.copy_(tensors[f"fitted.{name}"])
     state = optimizer.state_dict()  # its param_groups list parameters by position
     state["state"], wrong = {}, []
     for i, (name, p) in enumerate(params.items()):
@@ -834,7 +960,8 @@ def start_log(out: Path, step: int, changes: dict, resume: bool) -> None:
     write_atomically(file, "".join(line + "\n" for line in kept).encode())
 
 
-def log_step(run: Run, progress, losses: list, lr: float, grad_norm: float, images, seconds: float):
+def log_step(run: Run, progress, losses: list, lr: float, grad_norm: float, embed_grads: list,
+             images, seconds: float):
     """The progress bar; a log.jsonl line every --log_every steps and at the end (master only)."""
     if run.rank == 0:
         progress.update(1)
@@ -842,6 +969,7 @@ def log_step(run: Run, progress, losses: list, lr: float, grad_norm: float, imag
         if (run.args.log_every and run.step % run.args.log_every == 0) or run.step == run.last_step:
             append_log(run, {"step": run.step, "loss": losses[0], "clip_loss": losses[1],
                              "sds_loss": losses[2], "lr": lr, "grad_norm": grad_norm,
+                             "clip_grad_norm": embed_grads[0], "sds_grad_norm": embed_grads[1],
                              "images_per_s": images.item() / seconds})
 
 

@@ -240,12 +240,12 @@ def bench_train() -> None:
     step adds above the resident models."""
     from clip import CLIP, CLIPConfig, TextConfig, VisionConfig
     from sds import Mapper
-    from train import SDSCLIPLoss, freeze_all_but_layernorms
+    from train import SDSCLIPLoss, set_trainable
     from unet import UNet, UNetConfig
 
     clip = CLIP(CLIPConfig(text=TextConfig(), vision=VisionConfig()))  # the defaults are ViT-B/32
     unet = UNet(UNetConfig()).to(memory_format=torch.channels_last).eval().requires_grad_(False)  # as load_unet
-    freeze_all_but_layernorms(clip, image_only=False)
+    set_trainable(clip)
     mapper, batch = Mapper.for_unet(clip.config.projection_dim, unet), 2
     objectives = {mode: SDSCLIPLoss(clip, mapper, 0.001, mode) for mode in ("full", "stopgrad")}  # λ = 0.001
     optimizer = torch.optim.AdamW([p for p in objectives["full"].parameters() if p.requires_grad], lr=5e-5)
@@ -269,9 +269,47 @@ def bench_train() -> None:
               f"× {mib / results['stopgrad'][1]:.2f} memory of stopgrad)", flush=True)
 
 
+def bench_trainable() -> None:
+    """What each --trainable costs: a CLIP training step (contrastive loss, backward, AdamW), ViT-B/32,
+    batch 8, fp32, with train.py's layernorm / image / all trainable sets: ours vs transformers' CLIPModel
+    with the same parameters trainable (the SDS term adds the same UNet cost to each: see "train")."""
+    import tempfile
+
+    import transformers
+
+    from clip import load_clip
+    from sds import contrastive_loss
+    from train import TRAINABLE, set_trainable
+
+    ref = transformers.CLIPModel(transformers.CLIPConfig())  # the defaults are ViT-B/32
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        ours = load_clip(folder)
+    pixels, ids = torch.randn(8, 3, 224, 224), torch.randint(0, 49406, (8, 77))
+    ids[:, -1] = 49407  # end-of-text last: both towers pool there
+
+    def step(model, optimizer, logits_fn):
+        contrastive_loss(logits_fn(model)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for trainable in TRAINABLE:
+        set_trainable(ours, trainable)
+        ours_names = {name for name, p in ours.named_parameters() if p.requires_grad}
+        for name, p in ref.named_parameters():  # the same names: module names are the checkpoint keys
+            p.requires_grad_(name in ours_names)
+        optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (ours, ref)]
+        count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+        compare(f"clip ViT-B/32 train step, batch 8, --trainable {trainable:<9} ({count / 1e6:6.2f} M)",
+                lambda: step(ours, optimizers[0], lambda m: m(pixels, ids)),
+                lambda: step(ref, optimizers[1], lambda m: m(input_ids=ids, pixel_values=pixels).logits_per_image),
+                repeat=3)
+
+
 # --- end of sections ---
 
-SECTIONS = {"clip": bench_clip, "vae": bench_vae, "eval": bench_eval, "unet": bench_unet, "train": bench_train}
+SECTIONS = {"clip": bench_clip, "vae": bench_vae, "eval": bench_eval, "unet": bench_unet, "train": bench_train,
+            "trainable": bench_trainable}
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ from clip import (CLIP, EOT, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfi
                   load_clip, save_clip)
 from eval_winoground import timestep_grid  # noqa: E402
 from sds import Mapper, denoising_error, encode_prompt  # noqa: E402
-from train import ADAM_BETAS, SDSCLIPLoss, freeze_all_but_layernorms, nonfinite, trained_state  # noqa: E402
+from train import ADAM_BETAS, SDSCLIPLoss, set_trainable, nonfinite, trained_state  # noqa: E402
 from unet import UNet, UNetConfig, load_unet, save_unet  # noqa: E402
 from vae import VAE, VAEConfig, load_vae, save_vae  # noqa: E402
 
@@ -279,7 +279,7 @@ class TrainStep:
 
     def __init__(self, models: Models, sizes: Sizes, device: torch.device, unet: nn.Module):
         clip = copy.deepcopy(models.clip)
-        freeze_all_but_layernorms(clip, image_only=False)
+        set_trainable(clip)
         torch.manual_seed(0)
         mapper = Mapper.for_unet(clip.config.projection_dim, models.unet).to(device)  # h_w
         self.objective = SDSCLIPLoss(clip, mapper, sds_weight=0.001, sds_mode="full")

@@ -16,7 +16,8 @@ import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from clip import Tokenizer, load_clip
-from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, denoising_error, encode_prompt, sds_loss
+from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, denoising_error, encode_prompt, fit_mapper
+from sds import r_squared, sds_loss
 
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -267,3 +268,27 @@ def test_check_scheduler_refuses_other_betas(tmp_path, config, message):
     with pytest.raises(ValueError, match=rf"scheduler_config.json has {message}, but NoiseSchedule is Stable "
                                          r"Diffusion's training schedule"):
         check_scheduler(write_scheduler(tmp_path, **config))
+
+
+def test_fit_mapper_recovers_a_linear_map_and_r_squared_measures_it():
+    """Latents made by a known affine map of the embeddings: the ridge fit finds it (R² ≈ 1); with noise
+    of known variance R² is the explained share; unrelated latents give R² ≤ 0 on fresh data."""
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(400, 8, generator=generator) * torch.linspace(0.5, 3, 8)  # unequal scales
+    truth = Mapper(8, (2, 3, 3))
+    with torch.no_grad():
+        truth.proj.weight.copy_(torch.randn(18, 8, generator=generator))
+        truth.proj.bias.copy_(torch.randn(18, generator=generator))
+        latents = truth(embeds)
+    fitted = Mapper(8, (2, 3, 3))
+    fit_mapper(fitted, embeds, latents, ridge=1e-9)
+    torch.testing.assert_close(fitted.proj.weight, truth.proj.weight, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fitted.proj.bias, truth.proj.bias, rtol=1e-4, atol=1e-4)
+    assert r_squared(fitted, embeds, latents) == pytest.approx(1.0, abs=1e-6)
+    # half the variance is noise the embeddings cannot explain: R² ≈ ½ on held-out data
+    signal = truth(embeds).detach()
+    noisy = signal + signal.std() * torch.randn(signal.shape, generator=generator)
+    fit_mapper(fitted, embeds[:300], noisy[:300])
+    assert r_squared(fitted, embeds[300:], noisy[300:]) == pytest.approx(0.5, abs=0.1)
+    fit_mapper(fitted, embeds[:300], torch.randn(300, 2, 3, 3, generator=generator))
+    assert r_squared(fitted, embeds[300:], torch.randn(100, 2, 3, 3, generator=generator)) < 0.02

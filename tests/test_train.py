@@ -28,8 +28,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -106,6 +107,10 @@ def write_sd(folder: Path, poison: bool = False) -> None:
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_text_config()))
     perturbed(text).save_pretrained(folder / "text_encoder")
     write_tokenizer(folder / "tokenizer")
+    # 32 px → 8 × 8 latents (two downsamplings): what --mapper fitted maps CLIP's embeddings to
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=IMAGE_SIZE)
+    perturbed(vae).save_pretrained(folder / "vae")
 
 
 def write_coco(root: Path) -> None:
@@ -307,10 +312,11 @@ def test_log_has_finite_losses_per_step(reference_run):
     records = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, N_STEPS + 1))
     for r in records:
-        assert set(r) == {"step", "loss", "clip_loss", "sds_loss", "lr", "grad_norm", "images_per_s"}
+        assert set(r) == {"step", "loss", "clip_loss", "sds_loss", "lr", "grad_norm", "clip_grad_norm",
+                          "sds_grad_norm", "images_per_s"}
         assert all(np.isfinite(v) for v in r.values())
         assert r["loss"] == pytest.approx(r["clip_loss"] + 0.001 * r["sds_loss"], rel=1e-5)
-        assert r["sds_loss"] > 0 and r["grad_norm"] > 0
+        assert r["sds_loss"] > 0 and r["grad_norm"] > 0 and r["clip_grad_norm"] > 0 and r["sds_grad_norm"] > 0
     lrs = [r["lr"] for r in records]  # warm-up over 2 steps, then cosine over 5 epochs × 2 steps
     assert lrs[:2] == pytest.approx([2.5e-5, 5e-5]) and lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
 
@@ -321,6 +327,108 @@ def test_image_layernorms_only(assets, tmp_path):
     changed = {k for k in trained if not torch.equal(trained[k], source[k])}
     expected = {k for k in trained if k.startswith("vision_model.") and any(m in k for m in LAYERNORM_MARKERS)}
     assert changed == expected
+
+
+@pytest.mark.parametrize("trainable", ["image", "all"])
+def test_trainable_image_and_all_train_what_they_name_and_export(assets, tmp_path, trainable):
+    result = train(assets, tmp_path, "--max_steps", "1", "--trainable", trainable)
+    source, trained = load_file(assets / "clip" / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    changed = {k for k in trained if not torch.equal(trained[k], source[k])}
+    if trainable == "all":
+        expected = set(trained)
+    else:  # the image tower, its projection, and every LayerNorm (the text tower's too)
+        expected = {k for k in trained if k.startswith(("vision_model.", "visual_projection."))
+                    or any(m in k for m in LAYERNORM_MARKERS)}
+    assert changed == expected
+    counted = sum(source[k].numel() for k in expected)
+    assert f"trainable (--trainable {trainable}): {counted:,} " in result.stdout
+    ref = transformers.CLIPModel.from_pretrained(tmp_path).eval()  # the export loads in transformers
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.allclose(load_clip(tmp_path).encode_image(pixels), ref.get_image_features(pixel_values=pixels),
+                              atol=1e-5)
+
+
+def test_image_layernorms_only_needs_trainable_layernorm(capsys):
+    with pytest.raises(SystemExit):
+        get_args(["--trainable", "all", "--image_layernorms_only"])
+    assert "--image_layernorms_only picks among the LayerNorms: it needs --trainable layernorm, not all" in (
+        capsys.readouterr().err)
+
+
+def test_embedding_gradient_norms_are_each_terms_gradient():
+    """The hooks' ‖∂L_CLIP/∂f‖ and ‖∂(λ·L_SDS)/∂f‖ against autograd.grad of each term alone."""
+    torch.manual_seed(0)
+    clip = load_clip(REPO / "weights" / "toy-models" / "clip")
+    train_py.set_trainable(clip, "layernorm")
+    objective = train_py.SDSCLIPLoss(clip, Mapper(clip.config.projection_dim, (4, 8, 8)), 3.0, "full")
+    unet = lambda z_t, t, c: 0.5 * z_t + c.mean() * z_t.pow(2)  # noqa: E731 (a stand-in ε_θ with a Jacobian)
+    pixels, ids = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4, 77))
+    context, t, noise = torch.randn(4, 77, 64), torch.tensor([10, 200, 500, 900]), torch.randn(4, 4, 8, 8)
+    image_embeds = clip.encode_image(pixels)
+    torch.manual_seed(1)
+    loss, l_clip, l_sds = objective(pixels, ids, context, t, noise, unet)
+    loss.backward()
+    hooks = objective.embed_grad_sq.sqrt()
+    # the same numbers by hand: each term's gradient with respect to f_φ(x), taken alone
+    text = F.normalize(clip.encode_text(ids), dim=-1)
+    logits = clip.logit_scale.exp() * F.normalize(image_embeds, dim=-1) @ text.t()
+    by_hand_clip = torch.autograd.grad(train_py.contrastive_loss(logits), image_embeds, retain_graph=True)[0]
+    by_hand_sds = torch.autograd.grad(3.0 * train_py.sds_loss(unet, objective.schedule, objective.mapper,
+                                                              image_embeds, context, t, noise), image_embeds)[0]
+    assert hooks[0].item() == pytest.approx(by_hand_clip.norm().item(), rel=1e-5)
+    assert hooks[1].item() == pytest.approx(by_hand_sds.norm().item(), rel=1e-5)
+    assert hooks[0] != pytest.approx(hooks[1].item(), rel=0.01)  # two different gradients
+
+
+def test_sds_gradient_norm_is_zero_when_lambda_is_zero(assets, tmp_path):
+    result = train(assets, tmp_path, "--max_steps", "2", "--sds_weight", "0")
+    records = [r for r in log_records(tmp_path) if "loss" in r]
+    assert all(r["sds_grad_norm"] == 0 and r["clip_grad_norm"] > 0 for r in records)
+    assert "ratio λ·L_SDS / L_CLIP 0" in result.stdout
+
+
+def test_mapper_fitted_is_the_ridge_fit_frozen_and_resumes_bit_identical(assets, reference_run, tmp_path):
+    straight = tmp_path / "straight"
+    result = train(assets, straight, "--max_steps", str(N_STEPS), "--mapper", "fitted")
+    assert re.search(r"h_w fitted by ridge least squares .* of 9 training images: R² [-0-9.]+ on them, "
+                     r"[-0-9.]+ on 2 held out; then frozen", result.stdout)
+    assert "(h_w's 4,352 parameters fitted, then frozen)" in result.stdout
+    # the exported h_w is the fit, untouched by training: refit it here from the source CLIP and the VAE
+    from vae import load_vae
+    from eval_winoground import sd_image_transform
+    from clip import open_image
+    from sds import fit_mapper
+    dataset = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE), image_size=IMAGE_SIZE)
+    clip, vae = load_clip(assets / "clip"), load_vae(assets / "sd" / "vae")
+    images = [open_image(f, size=IMAGE_SIZE) for f in dataset.files]
+    with torch.no_grad():
+        embeds = clip.encode_image(torch.stack([image_transform(IMAGE_SIZE)(im) for im in images]))
+        latents = vae.images_to_latents(torch.stack([sd_image_transform(IMAGE_SIZE)(im) for im in images]))
+    fit = [i for i in range(len(images)) if i % 10]  # one in ten held out
+    expected = Mapper(PROJECTION_DIM, (4, LATENT_SIZE, LATENT_SIZE))
+    fit_mapper(expected, embeds[fit], latents[fit])
+    exported = load_file(straight / "mapper.safetensors")
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(exported[key], value, rtol=1e-4, atol=1e-5)
+    # resumed in the middle: bit-identical, h_w read back from the checkpoint (not fitted again)
+    resumed = tmp_path / "resumed"
+    train(assets, resumed, "--max_steps", str(N_STEPS // 2), "--mapper", "fitted")
+    result = train(assets, resumed, "--max_steps", str(N_STEPS), "--mapper", "fitted", "--resume")
+    assert "h_w fitted" not in result.stdout
+    assert_bit_identical(resumed, straight)
+    with safe_open(resumed / "checkpoint.safetensors", "pt") as f:
+        assert {"fitted.mapper.proj.weight", "fitted.mapper.proj.bias"} <= set(f.keys())
+        assert "vae" in json.loads(f.metadata()["sds_clip"])["identity"]
+    refused = train(assets, resumed, "--max_steps", str(N_STEPS + 1), "--resume", check=False)
+    assert refused.returncode != 0 and "--mapper 'fitted' → 'joint'" in refused.stdout
+
+
+def test_resume_reads_a_checkpoint_from_before_trainable_and_mapper(tmp_path):
+    args = get_args(COMMON)
+    sources = {"clip": {"file": "clip.safetensors", "sha256": "0" * 64}}
+    older = {k: v for k, v in vars(args).items() if k not in ("trainable", "mapper", "mapper_images")}
+    assert train_py.check_resume(tmp_path / "c", {"settings": older, "identity": sources}, args, sources) == {}
 
 
 # ----------------------------------------------------------------------------- precision
@@ -547,6 +655,9 @@ def test_torchrun_two_processes_matches_one(assets, reference_run, tmp_path, par
     log1 = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
     parity("train torchrun ×2 vs 1 process, logged losses", torch.tensor([r["loss"] for r in log2]),
            torch.tensor([r["loss"] for r in log1]), atol=1e-5)
+    for key in ("clip_grad_norm", "sds_grad_norm"):  # what each term sends to f_φ(x), over the global batch
+        torch.testing.assert_close(torch.tensor([r[key] for r in log2]), torch.tensor([r[key] for r in log1]),
+                                   rtol=1e-4, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- export
@@ -615,7 +726,8 @@ def test_missing_and_corrupt_images(assets, tmp_path):
 
 @pytest.mark.parametrize("setting, value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e38"), ("--lr", "-1"),
                                             ("--lr", "0"), ("--sds_weight", "nan"), ("--grad_clip", "-1"),
-                                            ("--weight_decay", "inf"), ("--batch_size", "0"), ("--seed", "-1")])
+                                            ("--weight_decay", "inf"), ("--batch_size", "0"), ("--seed", "-1"),
+                                            ("--mapper_images", "5")])
 def test_bad_settings_are_one_argparse_line(setting, value, capsys):
     with pytest.raises(SystemExit) as stopped:
         get_args([setting, value])
