@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 import toy_controls as tc
 import train
 from clip import Tokenizer, load_clip, save_clip
+from eval_winoground import StableDiffusion
 from sds import Mapper, contrastive_loss
 from vae import load_vae
 from weights import toyworld
@@ -157,3 +160,69 @@ def test_hw_picture_decodes_scaled_latents(world, tmp_path):
     assert decoded["fixed h_w"].shape == (3, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
     assert torch.allclose(decoded["fixed h_w"], reconstruction.expand(3, -1, -1, -1), atol=1e-5)
     assert np.array(Image.open(tmp_path / "hw.png")).std() > 0
+
+
+# ----------------------------------------------------------------------------- the teacher's ranking
+
+
+def test_ranking_loss_against_the_formula():
+    f = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)  # f_φ(x_r)
+    g = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+                      [[0.0, 3.0], [1.0, 0.0], [-1.0, 1.0]]], dtype=torch.float64)  # g_φ(c_rk)
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    tau = torch.tensor(math.log(2.0), dtype=torch.float64)
+    expected = 0.0
+    for r in range(2):
+        s = [2.0 * (f[r] @ g[r, k]).item() / (f[r].norm() * g[r, k].norm()).item() for k in range(3)]
+        q = [math.exp(v) / sum(math.exp(w) for w in s) for v in s]  # p_CLIP(c | x_r)
+        expected += sum(p * math.log(p / qk) for p, qk in zip(teacher[r].tolist(), q)) / 2
+    assert tc.ranking_loss(f, g, teacher, tau).item() == pytest.approx(expected, rel=1e-6)
+    # it reaches the captions' embeddings, the text tower's output
+    g.requires_grad_(True)
+    tc.ranking_loss(f, g, teacher, tau).backward()
+    assert g.grad.abs().sum() > 0
+
+
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at():
+    """Errors e (N, 3) and true captions drawn from softmax(−e / T₀), put in column 0: the fit finds T₀."""
+    generator = torch.Generator().manual_seed(0)
+    errors = 0.01 * torch.rand(20000, 3, generator=generator, dtype=torch.float64)
+    true = torch.multinomial(torch.softmax(-errors / 0.003, dim=-1), 1, generator=generator).squeeze(1)
+    rows = torch.arange(len(errors))
+    swapped = errors.clone()
+    swapped[rows, 0], swapped[rows, true] = errors[rows, true], errors[rows, 0]  # the true caption first
+    assert tc.fit_temperature(swapped) == pytest.approx(0.003, rel=0.1)
+
+
+def test_teacher_errors_share_the_noise_between_an_images_captions(world):
+    """The same caption twice gives the same error (shared ε and t); another caption, another error."""
+    pixels, captions, _ = tc.read_train(Path(world["train"]), 3)
+    sd = StableDiffusion.from_pretrained(world["sd"])
+    triples = [[c[0], c[0], tc.hard_negative(c[0])[0]] for c in captions]
+    errors = tc.teacher_errors(sd, pixels, triples, timesteps=4, batch_size=5)
+    assert errors.shape == (3, 3)
+    torch.testing.assert_close(errors[:, 0], errors[:, 1], rtol=1e-5, atol=1e-6)  # equal but for the batch's rounding
+    rounding = (errors[:, 0] - errors[:, 1]).abs().max()
+    assert (errors[:, 0] - errors[:, 2]).abs().min() > 10 * rounding + 1e-6  # the caption matters
+    torch.testing.assert_close(errors, tc.teacher_errors(sd, pixels, triples, timesteps=4, batch_size=64),
+                               rtol=1e-5, atol=1e-6)  # the batching changes no number
+
+
+def test_finetune_with_the_teacher_ranking(world, tmp_path):
+    """Cached once per world; distilled into CLIP: other weights than without it, the text tower's included."""
+    ranking = tc.teacher_rankings(world, count=40, timesteps=2)
+    assert len(ranking["captions"]) == 40 and ranking["captions"][0][1:] == tc.hard_negative(ranking["captions"][0][0])
+    cache = Path(world["train"]).parent / "teacher-ranking-40-2-0.json"
+    cache.write_text(json.dumps(ranking | {"errors": [[0.0, 1.0, 1.0]] * 40}))  # a cache is read, not recomputed
+    assert tc.teacher_rankings(world, count=40, timesteps=2)["errors"][0] == [0.0, 1.0, 1.0]
+    runs = {name: tc.finetune_hard_negatives(world["clip"], world["train"], tmp_path / name, seed=0, max_steps=2,
+                                             flags=["--device=cpu"], hard_negatives=False, ranking=rank)
+            for name, rank in (("control", None), ("ranking", ranking))}
+    moved = changed(load_clip(runs["control"]).state_dict(), runs["ranking"])
+    assert any(key.startswith("text_model.") for key in moved) and any(key.startswith("vision_model.") for key in moved)
+    record = json.loads((runs["ranking"] / tc.RUN_FILE).read_text())["ranking"]
+    assert record["images"] == 40 and record["timesteps"] == 2 and record["temperature"] > 0
+    wrong = dict(ranking, captions=[["a red circle left of a blue square"] * 3] * 40)
+    with pytest.raises(SystemExit, match="other images than the first 40"):
+        tc.finetune_hard_negatives(world["clip"], world["train"], tmp_path / "wrong", max_steps=1,
+                                   flags=["--device=cpu"], hard_negatives=False, ranking=wrong)

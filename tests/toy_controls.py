@@ -47,10 +47,11 @@ if str(REPO) not in sys.path:  # run as a script: the project's modules sit one 
     sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 from clip import Tokenizer, hub_path, image_transform, load_clip, save_clip  # noqa: E402
-from sds import Mapper  # noqa: E402
+from eval_winoground import StableDiffusion, timestep_grid  # noqa: E402
+from sds import Mapper, NoiseSchedule, denoising_error, encode_prompt  # noqa: E402
 from vae import load_vae  # noqa: E402
 from weights.toyworld import COLOURS, MODELS_DIR, SHAPES, TOY_DIR, TRAIN_DEFAULTS, build, caption_recall  # noqa: E402
-from weights.toyworld import as_pixels, clip_pixels, read_split, sheet, to_pil  # noqa: E402
+from weights.toyworld import as_pixels, clip_pixels, read_split, sha256, sheet, to_pil, vae_pixels  # noqa: E402
 
 # "a red circle", "the blue square": the world's noun phrases
 NOUN_PHRASE = re.compile(rf"\b(a|the) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b", re.IGNORECASE)
@@ -101,6 +102,87 @@ def negclip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, negative
     return (image_to_text + text_to_image) / 2
 
 
+# ----------------------------------------------------------------------------- the teacher's ranking
+
+
+RANKING_IMAGES = 4000  # training images with a teacher ranking: the first ones, by id
+RANKING_TIMESTEPS = 16  # the diffusion score's timestep grid for the ranking (timestep_grid)
+
+
+@torch.no_grad()
+def teacher_errors(sd: StableDiffusion, pixels: torch.Tensor, captions: list[list[str]], timesteps: int,
+                   seed: int = 0, batch_size: int = 512) -> torch.Tensor:
+    """The small SD's diffusion score of K captions on each of N images, uint8 pixels (N, 3, 32, 32):
+    (N, K), the mean over `timesteps` grid timesteps of ‖ε_θ(z_t, t, c) − ε‖² / (C·H·W), the noise shared
+    by the captions of an image (drawn image after image from `seed`), so that they differ in caption only."""
+    grid, generator, schedule = timestep_grid(timesteps), torch.Generator().manual_seed(seed), NoiseSchedule()
+    errors = []
+    for chunk in tqdm(range(0, len(pixels), 32), desc="teacher ranking", unit="×32 images"):
+        images, texts = pixels[chunk: chunk + 32], captions[chunk: chunk + 32]
+        n, k = len(images), len(texts[0])
+        latents = sd.vae.images_to_latents(vae_pixels(images))  # z_0, (n, 4, h, w)
+        context = encode_prompt(sd.text_encoder, sd.tokenizer, [c for cs in texts for c in cs])  # (n·K, 77, D)
+        noise = torch.randn((n, len(grid), *latents.shape[1:]), generator=generator)  # ε per image and t
+        # every (image, caption, timestep), flattened in that order
+        i, c, t = (index.flatten() for index in torch.meshgrid(
+            torch.arange(n), torch.arange(k), torch.arange(len(grid)), indexing="ij"))
+        error = torch.cat([denoising_error(sd.unet, latents[i[b]], grid[t[b]], noise[i[b], t[b]],
+                                           context[i[b] * k + c[b]], schedule)
+                           for b in torch.arange(len(i)).split(batch_size)])
+        errors.append(error.view(n, k, len(grid)).mean(-1))
+    return torch.cat(errors)
+
+
+def teacher_rankings(paths: dict, count: int = RANKING_IMAGES, timesteps: int = RANKING_TIMESTEPS,
+                     seed: int = 0) -> dict:
+    """The teacher's scores of each of the first `count` training images (by id) on its first caption
+    and that caption's two swaps (hard_negative): {"captions": [[y, attribute swap, object swap], …],
+    "errors": [[e_0, e_1, e_2], …]}, computed once per world and models, then read from a JSON cache in
+    the world's data folder. Cost: count × 3 × timesteps toy UNet calls (4,000 × 3 × 16 = 192,000:
+    about 14 min on one thread). Normalising by the empty prompt's error (as the image score is) would
+    subtract the same number from the three captions of an image: the ranking needs no such step."""
+    unet_sha = sha256(Path(paths["sd"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    cache = Path(paths["train"]).parent / f"teacher-ranking-{count}-{timesteps}-{seed}.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("unet_sha256") == unet_sha:
+            return cached
+    pixels, captions, _ = read_train(Path(paths["train"]), count)
+    triples = [[cs[0], *hard_negative(cs[0])] for cs in captions]
+    errors = teacher_errors(StableDiffusion.from_pretrained(paths["sd"]), pixels, triples, timesteps, seed)
+    result = {"unet_sha256": unet_sha, "timesteps": timesteps, "seed": seed, "captions": triples,
+              "errors": errors.tolist()}
+    tmp = cache.with_name(cache.name + ".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    tmp.replace(cache)
+    return result
+
+
+def fit_temperature(errors: torch.Tensor) -> float:
+    """The teacher's temperature T, by temperature scaling (Guo et al. 2017): the T that maximises the
+    likelihood of the true caption (column 0) under p_T(c | x) = softmax_c(−e(x, c) / T), on training images
+    only. One number; the ranking of the captions of each image stays the teacher's own."""
+    errors = torch.as_tensor(errors, dtype=torch.float64)
+    temperatures = torch.logspace(-5, 1, 601, dtype=torch.float64)  # a fine grid over six decades
+    likelihood = torch.stack([F.log_softmax(-errors / t, dim=-1)[:, 0].mean() for t in temperatures])
+    return temperatures[likelihood.argmax()].item()
+
+
+def ranking_loss(image_embeds: torch.Tensor, caption_embeds: torch.Tensor, teacher: torch.Tensor,
+                 logit_scale: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher ‖ p_CLIP), mean over images: f_φ(x_r) (R, D), g_φ of each image's K captions (R, K, D),
+    the teacher's p_T(c | x_r) (R, K), logit_scale τ (a log):
+
+        p_CLIP(c | x) = softmax_c(e^τ cos(f_φ(x), g_φ(c))),   L_rank = 1/R Σ_r Σ_c p_T log(p_T / p_CLIP)
+
+    CLIP's logits are its own Winoground scores: the teacher's ranking of a caption and its swaps reaches the
+    text tower (g_φ) as well as the image tower."""
+    image = F.normalize(image_embeds.float(), dim=-1)
+    captions = F.normalize(caption_embeds.float(), dim=-1)
+    logits = logit_scale.exp() * torch.einsum("rd,rkd->rk", image, captions)  # e^τ cos(f_r, g_rk), (R, K)
+    return F.kl_div(F.log_softmax(logits, dim=-1), teacher.float(), reduction="batchmean")
+
+
 # ----------------------------------------------------------------------------- the positive control and the ceiling
 
 
@@ -112,14 +194,17 @@ def as_flags(settings: dict) -> list[str]:
 
 def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_weights: bool = False,
                             epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-                            max_steps: int = 0, flags: list[str] = (), hard_negatives: bool = True) -> Path:
+                            max_steps: int = 0, flags: list[str] = (), hard_negatives: bool = True,
+                            ranking: dict | None = None, ranking_weight: float = 1.0) -> Path:
     """The positive control (LayerNorms) or the ceiling (all_weights: every CLIP weight), written to out_dir
     as a CLIP folder that eval_winoground.py scores, with run.json. The settings are train.py's parser's:
     its defaults, then weights/toyworld.py's TRAIN_DEFAULTS (as `train.py --toy`), then epochs, batch_size,
     lr (None: those), then `flags` (train.py's own, e.g. ["--cosine", "--warmup_steps=20"]); λ plays no part.
     Everything but the loss is train.py's: freezing, AdamW, learning_rate, CocoCaptions, the data order and
     the caption drawn per image and epoch (functions of the seed), the export. Without hard_negatives it is
-    train.py's λ = 0 control."""
+    train.py's λ = 0 control. With `ranking` (teacher_rankings: the teacher's scores of the first training
+    images' captions and their swaps) the loss adds ranking_weight · L_rank (ranking_loss) over the rows of
+    each batch that have a ranking, the teacher's distribution at the temperature fit_temperature finds."""
     chosen = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     settings = {**TRAIN_DEFAULTS, "sds_weight": 0.0, **{k: v for k, v in chosen.items() if v is not None}}
     args = train.get_args(["--clip", str(clip_dir), "--coco_root", str(coco_root), "--out", str(out_dir),
@@ -134,11 +219,8 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"toy_controls.py: {err}") from None
 
-    # what is trained: CLIP's LayerNorms (train.py's freezing) or, for the ceiling, every weight
-    if all_weights:
-        clip.requires_grad_(True)
-    else:
-        train.freeze_all_but_layernorms(clip, args.image_layernorms_only)
+    # what is trained: train.py's --trainable (LayerNorms by default) or, for the ceiling, every weight
+    train.set_trainable(clip, "all" if all_weights else args.trainable, args.image_layernorms_only)
     trainable = [p for p in clip.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=train.ADAM_BETAS, weight_decay=args.weight_decay)
 
@@ -154,25 +236,44 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
 
     n_trainable = sum(p.numel() for p in trainable)
     n_frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
-    what = "every CLIP weight" if all_weights else "CLIP LayerNorm"
+    what = train.TRAINABLE["all" if all_weights else args.trainable]
     negatives = "2 hard negatives per caption (attribute and object swap)" if hard_negatives else "no hard negatives"
+    if ranking:
+        if [cs[0] for cs in ranking["captions"]] != [cs[0] for cs in dataset.captions[: len(ranking["captions"])]]:
+            raise SystemExit(f"toy_controls.py: the teacher's ranking was computed on other images than the first "
+                             f"{len(ranking['captions']):,} of {args.coco_root}: delete its cache and rerun")
+        teacher_errors_ = torch.tensor(ranking["errors"], dtype=torch.float64)
+        temperature = fit_temperature(teacher_errors_)
+        teacher = F.softmax(-teacher_errors_ / temperature, dim=-1).float()  # p_T(c | x), (count, 3)
+        right = 100 * (teacher.argmax(-1) == 0).double().mean().item()
+        negatives += (f"; the teacher's ranking of {len(teacher):,} images' caption and its 2 swaps, temperature "
+                      f"{temperature:.3g} (its top caption the true one on {right:.1f} %), weight {ranking_weight}")
     print(f"trainable: {n_trainable:,} {what} parameters; frozen: {n_frozen:,}; {negatives}")
     print(f"{len(dataset):,} images, batch {args.batch_size}, {steps_per_epoch:,} steps per epoch, steps 0 → "
           f"{last_step}; AdamW lr {args.lr}, warm-up {args.warmup_steps}, cosine {args.cosine}; out {out_dir}")
 
     losses, start = [], time.perf_counter()
-    for step in tqdm(range(last_step), desc="hard negatives" if hard_negatives else "control", unit="step"):
+    desc = "ranking" if ranking else "hard negatives" if hard_negatives else "control"
+    for step in tqdm(range(last_step), desc=desc, unit="step"):
         for group in optimizer.param_groups:
             group["lr"] = train.learning_rate(step, args, total_steps)
         epoch, (pixels, indices, errors) = next(data)
         train.check_images(pixels, errors, args.skip_bad_images, device)
         captions = [dataset.caption(i, epoch) for i in indices]
         swapped = [n for caption in captions for n in hard_negative(caption)] if hard_negatives else []
+        ranked = [(row, i) for row, i in enumerate(indices) if ranking and i < len(ranking["captions"])]
+        triples = [c for _, i in ranked for c in ranking["captions"][i]]
         with autocast:
             image_embeds = clip.encode_image(pixels.to(device))  # f_φ(x), (B, D)
-            text_embeds = clip.encode_text(tokenizer(captions + swapped).to(device))  # g_φ(y); g_φ(ỹ), (B + 2B, D)
-            loss = negclip_loss(image_embeds, text_embeds[: len(captions)], text_embeds[len(captions):],
+            text_embeds = clip.encode_text(tokenizer(captions + swapped + triples).to(device))  # (B + 2B + 3R, D)
+            n_texts = len(captions) + len(swapped)
+            loss = negclip_loss(image_embeds, text_embeds[: len(captions)], text_embeds[len(captions): n_texts],
                                 clip.logit_scale)
+            if ranked:  # + β · KL(p_T ‖ p_CLIP) on the rows with a teacher ranking
+                rows, images = (torch.tensor(x) for x in zip(*ranked))
+                loss = loss + ranking_weight * ranking_loss(
+                    image_embeds[rows.to(device)], text_embeds[n_texts:].view(len(ranked), 3, -1),
+                    teacher[images].to(device), clip.logit_scale)
         if not torch.isfinite(loss):
             raise SystemExit(f"toy_controls.py: the loss is {loss.item()} at step {step}; try a lower --lr")
         loss.backward()
@@ -188,6 +289,8 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
         if (source / name).is_file():
             shutil.copy(source / name, out / name)
     record = {"settings": vars(args), "all_weights": all_weights, "hard_negatives": hard_negatives,
+              "ranking": ({"images": len(ranking["captions"]), "timesteps": ranking["timesteps"],
+                           "temperature": temperature, "weight": ranking_weight} if ranking else None),
               "trainable": n_trainable, "frozen": n_frozen, "losses": losses,
               "seconds": round(time.perf_counter() - start, 1)}
     (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
@@ -392,6 +495,11 @@ def main(argv=None) -> None:
     f.add_argument("--clip", help="the CLIP to fine-tune (default: the world's)")
     f.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     f.add_argument("--train_flags", default="", help="more train.py flags, e.g. '--epochs 5 --cosine'")
+    f.add_argument("--ranking", action="store_true", help="no hard negatives: distil the teacher's ranking of "
+                   "each caption and its swaps instead (computed once per world, then cached)")
+    f.add_argument("--ranking_weight", type=float, default=1.0, help="β, the ranking loss's weight")
+    f.add_argument("--ranking_images", type=int, default=RANKING_IMAGES, help="training images ranked")
+    f.add_argument("--ranking_timesteps", type=int, default=RANKING_TIMESTEPS, help="diffusion timesteps per pair")
     for name, help_ in (("probe", "linear probes on the frozen embeddings"), ("retention", "the base skill")):
         c = commands.add_parser(name, parents=[world], help=help_)
         c.add_argument("--clip", help="a CLIP folder (default: the world's pre-trained CLIP)")
@@ -404,11 +512,18 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.quick and Path(args.world) == TOY_DIR:
         p.error(f"--quick needs its own --world folder: {TOY_DIR} holds the full world")
+    if args.command == "finetune" and not (math.isfinite(args.ranking_weight) and args.ranking_weight >= 0):
+        p.error(f"--ranking_weight must be a finite number, 0 or more; got {args.ranking_weight}")
+    if args.command == "finetune" and not (args.ranking_images >= 1 and 1 <= args.ranking_timesteps <= 1000):
+        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; got "
+                f"{args.ranking_images} and {args.ranking_timesteps}")
     paths = build(Path(args.world), quick=args.quick, models=Path(args.models))
 
     if args.command == "finetune":
+        ranking = teacher_rankings(paths, args.ranking_images, args.ranking_timesteps) if args.ranking else None
         finetune_hard_negatives(args.clip or paths["clip"], paths["train"], args.out, args.seed, args.all_weights,
-                                max_steps=args.max_steps, flags=args.train_flags.split())
+                                max_steps=args.max_steps, flags=args.train_flags.split(),
+                                hard_negatives=not args.ranking, ranking=ranking, ranking_weight=args.ranking_weight)
         print(f"score it: python eval_winoground.py --clip {args.out} --data {paths['test']}")
     elif args.command == "probe":
         r = binding_probe(args.clip or paths["clip"], paths, args.split)

@@ -32,7 +32,7 @@ from eval_winoground import image_correct, text_correct  # noqa: E402
 from weights.toyworld import MODELS_DIR, TAGS, TOY_DIR, TRAIN_DEFAULTS, build  # noqa: E402
 import toy_controls  # noqa: E402  (tests/: the hard-negative controls, the probes, retention)
 
-ROWS = ("clip", "control", "full", "stopgrad", "negclip", "ceiling", "diffusion")
+ROWS = ("clip", "control", "full", "stopgrad", "negclip", "ceiling", "ranking", "diffusion")
 SPLITS = ("val", "test", "new_objects")
 
 
@@ -67,11 +67,12 @@ def job(row: str, seed: int, args, paths: dict, out: Path, threads: int | None) 
                         str(paths["train"]), "--out", str(folder), "--device", "cpu",
                         *(f"--{k}={v}" for k, v in settings.items()), *args.train_flags.split()], threads)
         model = ["--clip", str(folder)]
-    elif row in ("negclip", "ceiling"):  # the positive control and the ceiling: hard negatives, λ = 0
+    elif row in ("negclip", "ceiling", "ranking"):  # hard negatives, or the teacher's ranking; λ = 0
         folder = out / f"{row}-seed{seed}"
         seconds += run(["tests/toy_controls.py", "finetune", "--seed", str(seed), "--out", str(folder),
                         "--clip", str(paths["clip"]), "--world", str(args.world), "--models", str(args.models),
                         *(["--all_weights"] if row == "ceiling" else []), *(["--quick"] if args.quick else []),
+                        *(["--ranking"] if row == "ranking" else []),
                         "--train_flags", f"--device=cpu {args.train_flags}"], threads)
         model = ["--clip", str(folder)]
     elif row == "diffusion":
