@@ -11,12 +11,17 @@ per noise seed. Each cell: mean ± standard deviation over seeds; the wall time 
 
     python tests/toy_evidence.py --splits val --rows control full --sds_weight 1   # choose on val
     python tests/toy_evidence.py --jobs 2                                          # the README table
+    python tests/toy_evidence.py --picture matrix.png --results out/m/*/results.json  # the val matrix
+
+A fine-tuned row takes train.py's options from --train_flags (--trainable, --mapper, --epochs, …): run
+each configuration into its own --out.
 
 Settings are chosen on the val split only; test and test-new-objects are for the table.
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -26,9 +31,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from eval_winoground import image_correct, text_correct  # noqa: E402
+from eval_winoground import compare_runs, format_comparison, image_correct, text_correct  # noqa: E402
 from weights.toyworld import MODELS_DIR, TAGS, TOY_DIR, TRAIN_DEFAULTS, build  # noqa: E402
 import toy_controls  # noqa: E402  (tests/: the hard-negative controls, the probes, retention)
 
@@ -114,6 +121,69 @@ def table(split: str, plan: list, done: list, part: str = "rows") -> str:
     return "\n".join(lines)
 
 
+def label(settings: dict, row: str) -> str:
+    """A run's configuration in a few words: trainable set, row, λ and mapper of the SDS rows."""
+    flags = settings["train_flags"].split()
+    option = lambda name, default: flags[flags.index(name) + 1] if name in flags else default  # noqa: E731
+    trainable = "all" if row == "ceiling" else option("--trainable", "layernorm")
+    what = {"full": f"SDS full, lambda {settings['sds_weight']:g}", "control": "control (lambda 0)",
+            "stopgrad": f"SDS stopgrad, lambda {settings['sds_weight']:g}"}.get(row, row)
+    mapper = f", h_w {option('--mapper', 'joint')}" if row in ("full", "stopgrad") else ""
+    return f"{trainable}: {what}{mapper}"
+
+
+def picture(results_files: list[Path], file: Path, split: str = "val", tag: str = "attribute") -> list[tuple]:
+    """A PNG: the `tag` group score on `split` of every run in the results files (a dot per seed, a bar at
+    the mean), each beside its control's band (the same trainable set, λ = 0: the 95 % bootstrap interval
+    over the split's examples of that tag, seed 0, and every control seed's dot). Returns the rows drawn."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415 (only the picture needs it)
+    from eval_winoground import bootstrap_interval  # noqa: PLC0415
+
+    rows = {}  # label → (trainable, [per seed: group credits of the tag's examples])
+    for results_file in results_files:
+        results = json.loads(Path(results_file).read_text())
+        for row, seed in results["plan"]:
+            records_file = Path(results_file).parent / f"{split}-{row}-seed{seed}.json"
+            if row in ("clip", "diffusion") or not records_file.is_file():
+                continue
+            records = json.loads(records_file.read_text())["examples"]
+            credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
+                       if r["collapsed_tag"] == tag]
+            name = label(results["settings"], row)
+            rows.setdefault(name, (name.split(":")[0], []))[1].append(credits)
+    if not rows:
+        raise SystemExit(f"toy_evidence.py: no {split} runs in {[str(f) for f in results_files]}")
+    bands = {trainable: (100 * bootstrap_interval(np.array(runs[0], dtype=float)), runs)
+             for name, (trainable, runs) in rows.items() if "control" in name}
+    order = sorted(rows, key=lambda n: (["layernorm", "image", "all"].index(rows[n][0])
+                                        if rows[n][0] in ("layernorm", "image", "all") else 3, "control" not in n, n))
+    top = max(100 * float(np.mean(c)) for _, runs in rows.values() for c in runs)
+    scale_max = min(100, 10 * math.ceil((top + 5) / 10))
+    left, width, height, row_h = 330, 420, 40 + 24 * len(order), 24
+    image = Image.new("RGB", (left + width + 20, height + 20), "white")
+    pen = ImageDraw.Draw(image)
+    x = lambda v: left + width * v / scale_max  # noqa: E731
+    for tick in range(0, scale_max + 1, 10):
+        pen.line([(x(tick), 30), (x(tick), height)], fill=(225, 225, 225))
+        pen.text((x(tick) - 6, height + 4), str(tick), fill="black")
+    pen.text((8, 8), f"{split}: {tag} group (%), a dot per seed, the bar their mean; grey: the control's "
+             f"95 % interval", fill="black")
+    for i, name in enumerate(order):
+        y = 40 + row_h * i
+        trainable, runs = rows[name]
+        if trainable in bands:
+            (low, high), _ = bands[trainable]
+            pen.rectangle([x(low[0]), y, x(high[0]), y + row_h - 6], fill=(210, 210, 210))
+        values = [100 * float(np.mean(c)) for c in runs]
+        pen.text((8, y + 4), name, fill="black")
+        mean = float(np.mean(values))
+        pen.line([(x(mean), y), (x(mean), y + row_h - 6)], fill=(200, 30, 30), width=3)
+        for v in values:
+            pen.ellipse([x(v) - 3, y + 6, x(v) + 3, y + 12], fill=(30, 60, 200))
+    image.save(file)
+    return [(name, [100 * float(np.mean(c)) for c in rows[name][1]]) for name in order]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=["test", "new_objects"],
@@ -132,27 +202,94 @@ def main() -> None:
                                    "out/toy-quick with --quick)")
     p.add_argument("--models", default=str(MODELS_DIR), help="the toy world's models (default: the shipped ones)")
     p.add_argument("--quick", action="store_true", help="the --quick world (a check of this script, not evidence)")
+    p.add_argument("--tables_only", action="store_true", help="no run: the tables and comparisons of the runs "
+                   "already in --out's results.json (seeds run apart, say)")
+    p.add_argument("--picture", help="draw this PNG from --results (no run)")
+    p.add_argument("--results", nargs="+", default=[], help="results.json files of earlier runs, for --picture")
     args = p.parse_args()
+    if args.picture:
+        split = args.splits[0] if args.splits != ["test", "new_objects"] else "val"
+        for name, values in picture([Path(f) for f in args.results], Path(args.picture), split):
+            print(f"{name:<45} " + " ".join(f"{v:5.1f}" for v in values))
+        return
     args.world = Path(args.world or ("out/toy-quick" if args.quick else TOY_DIR))
     paths = build(args.world, quick=args.quick, models=Path(args.models))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(row, seed) for row in args.rows for seed in ([0] if row == "clip" else args.seeds)]
     plan.sort(key=lambda rs: rs[0] != "diffusion")  # the longest runs first
-    threads = 1 if args.jobs > 1 else None
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.tables_only:
+        plan, done = earlier_runs(out, settings, plan)
+    else:
+        threads = 1 if args.jobs > 1 else None
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
+        plan, done = save_results(out, settings, plan, done)
 
-    print(f"\nseeds {args.seeds}, λ = {args.sds_weight}, diffusion score at {args.timesteps} timesteps, "
-          f"train.py {' '.join(f'--{k} {v}' for k, v in TRAIN_DEFAULTS.items() if k != 'sds_weight')} "
+    print(f"\nseeds {sorted({seed for _, seed in plan})}, λ = {args.sds_weight}, diffusion score at "
+          f"{args.timesteps} timesteps, train.py "
+          f"{' '.join(f'--{k} {v}' for k, v in TRAIN_DEFAULTS.items() if k != 'sds_weight')} "
           f"{args.train_flags}".rstrip())
     for split in args.splits:
         print(f"\n{split} split\n" + table(split, plan, done))
         if args.mechanism:
             print(f"\n{split} split: probes and retention\n" + table(split, plan, done, "mechanism"))
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results = {"settings": settings, "train_defaults": TRAIN_DEFAULTS, "plan": plan, "runs": done}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        for row in sorted({row for row, _ in plan} - {"control", "clip", "diffusion"}):
+            if "control" in {r for r, _ in plan}:
+                print("\n" + pooled_comparison(out, split, row, sorted(s for r, s in plan if r == row)))
+
+
+def save_results(out: Path, settings: dict, plan: list, done: list) -> tuple[list, list]:
+    """results.json gathers the runs of every invocation with the same --out and settings (a (row, seed) run
+    again replaces the earlier one), so that seeds run apart make one table; returns all its runs."""
+    file, runs = out / "results.json", {}
+    if file.is_file():
+        earlier = json.loads(file.read_text())
+        if {k: v for k, v in earlier["settings"].items() if k in SAME} == {k: settings[k] for k in SAME}:
+            runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])}
+        else:
+            print(f"toy_evidence.py: {file} was written with other settings; it is replaced", file=sys.stderr)
+    runs |= {tuple(rs): result for rs, result in zip(plan, done)}
+    results = {"settings": settings, "train_defaults": TRAIN_DEFAULTS, "plan": list(runs), "runs": list(runs.values())}
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(file)
+    return list(runs), list(runs.values())
+
+
+SAME = ("sds_weight", "timesteps", "train_flags", "world", "models", "quick")  # what makes runs of one table
+
+
+def earlier_runs(out: Path, settings: dict, plan: list) -> tuple[list, list]:
+    """--tables_only: the runs of results.json in --out (written with these settings) that --rows and --seeds name."""
+    file = out / "results.json"
+    if not file.is_file():
+        raise SystemExit(f"toy_evidence.py: --tables_only: {file} not found; run without --tables_only first")
+    earlier = json.loads(file.read_text())
+    if {k: v for k, v in earlier["settings"].items() if k in SAME} != {k: settings[k] for k in SAME}:
+        raise SystemExit(f"toy_evidence.py: {file} was written with other settings than these ({', '.join(SAME)})")
+    runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"]) if tuple(rs) in set(plan)}
+    return list(runs), list(runs.values())
+
+
+def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
+    """`row` against the control, each seed's examples pooled (seed s, example i → id 100,000·s + i: a pair is
+    one seed's control and row on one example), overall and on the attribute swaps alone; the pooled files are
+    written beside the runs, so `eval_winoground.py --compare` prints the same lines."""
+    lines = []
+    for tag in (None, "attribute"):
+        files = []
+        for name in ("control", row):
+            examples = []
+            for seed in seeds:
+                records = json.loads((out / f"{split}-{name}-seed{seed}.json").read_text())["examples"]
+                examples += [r | {"id": 100_000 * seed + r["id"]} for r in records if tag in (None, r["collapsed_tag"])]
+            files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}-seeds{'-'.join(map(str, seeds))}.json")
+            files[-1].write_text(json.dumps({"examples": examples}) + "\n")
+        what = f"{split}, {'every example' if tag is None else tag + ' swaps'}, seeds {seeds} pooled"
+        lines.append(f"{row} against control ({what}):\n" + format_comparison(compare_runs(*files)))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
