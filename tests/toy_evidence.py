@@ -20,6 +20,7 @@ Settings are chosen on the val split only; test and test-new-objects are for the
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -236,14 +237,22 @@ def main() -> None:
         if args.mechanism:
             print(f"\n{split} split: probes and retention\n" + table(split, plan, done, "mechanism"))
         for row in sorted({row for row, _ in plan} - {"control", "clip", "diffusion"}):
-            if "control" in {r for r, _ in plan}:
-                print("\n" + pooled_comparison(out, split, row, sorted(s for r, s in plan if r == row)))
+            seeds = sorted(s for r, s in plan if r == row and ("control", s) in plan)  # paired runs only
+            if seeds:
+                print("\n" + pooled_comparison(out, split, row, seeds))
 
 
 def save_results(out: Path, settings: dict, plan: list, done: list) -> tuple[list, list]:
     """results.json gathers the runs of every invocation with the same --out and settings (a (row, seed) run
     again replaces the earlier one), so that seeds run apart make one table; returns all its runs."""
-    file, runs = out / "results.json", {}
+    file = out / "results.json"
+    with open(out / "results.json.lock", "w") as lock:  # invocations running side by side take turns here
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return merge_results(file, settings, plan, done)
+
+
+def merge_results(file: Path, settings: dict, plan: list, done: list) -> tuple[list, list]:
+    runs = {}
     if file.is_file():
         earlier = json.loads(file.read_text())
         if {k: v for k, v in earlier["settings"].items() if k in SAME} == {k: settings[k] for k in SAME}:
