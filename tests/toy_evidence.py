@@ -236,10 +236,36 @@ def main() -> None:
         print(f"\n{split} split\n" + table(split, plan, done))
         if args.mechanism:
             print(f"\n{split} split: probes and retention\n" + table(split, plan, done, "mechanism"))
+        if split == args.splits[0] and (gradients := gradient_table(out, plan)):
+            print("\nwhat each term sends to f_φ(x) (train.py's log.jsonl)\n" + gradients)
         for row in sorted({row for row, _ in plan} - {"control", "clip", "diffusion"}):
             seeds = sorted(s for r, s in plan if r == row and ("control", s) in plan)  # paired runs only
             if seeds:
                 print("\n" + pooled_comparison(out, split, row, seeds))
+
+
+def gradient_table(out: Path, plan: list) -> str:
+    """What each loss term sent to CLIP's image embedding in every train.py run of the table (log.jsonl):
+    ‖∂L_CLIP/∂f‖ and ‖∂(λ·L_SDS)/∂f‖, the mean over the first and the last tenth of the steps, and L_SDS."""
+    lines = ["| row, seed | ‖∂L_CLIP/∂f‖ first → last tenth | ‖∂(λ·L_SDS)/∂f‖ first → last tenth | ratio (mean) | "
+             "L_SDS first → last tenth |", "| --- | --- | --- | --- | --- |"]
+    for row, seed in plan:
+        log = out / f"{row}-seed{seed}" / "log.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        records = [r for r in records if "sds_grad_norm" in r]
+        if not records:
+            continue
+        tenth = max(1, len(records) // 10)
+
+        def span(key: str) -> str:
+            first, last = (statistics.mean(r[key] for r in part) for part in (records[:tenth], records[-tenth:]))
+            return f"{first:.3g} → {last:.3g}"
+
+        clip_mean = statistics.mean(r["clip_grad_norm"] for r in records)
+        ratio = statistics.mean(r["sds_grad_norm"] for r in records) / clip_mean if clip_mean else math.nan
+        lines.append(f"| {row}, {seed} | {span('clip_grad_norm')} | {span('sds_grad_norm')} | {ratio:.3g} | "
+                     f"{span('sds_loss')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def save_results(out: Path, settings: dict, plan: list, done: list) -> tuple[list, list]:
