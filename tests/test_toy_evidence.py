@@ -63,6 +63,6 @@ def test_picture_draws_each_configuration_and_its_control(tmp_path):
         (out / "results.json").write_text(json.dumps({"settings": SETTINGS | {"train_flags": flags},
                                                       "plan": [["control", 0], ["full", 0]], "runs": [{}, {}]}))
     rows = te.picture([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"], tmp_path / "m.png")
-    assert rows == [("all: control (lambda 0)", [0.0, 0.0]), ("all: SDS full, lambda 1, h_w fitted", [100.0]),
-                    ("all: SDS full, lambda 1, h_w joint", [100.0])]
+    assert rows == [("all: control (lambda 0) (5 ep.)", [0.0, 0.0]), ("all: SDS full, lambda 1, h_w fitted (5 ep.)", [100.0]),
+                    ("all: SDS full, lambda 1, h_w joint (5 ep.)", [100.0])]
     assert (tmp_path / "m.png").stat().st_size > 0

@@ -130,7 +130,7 @@ def label(settings: dict, row: str) -> str:
     what = {"full": f"SDS full, lambda {settings['sds_weight']:g}", "control": "control (lambda 0)",
             "stopgrad": f"SDS stopgrad, lambda {settings['sds_weight']:g}"}.get(row, row)
     mapper = f", h_w {option('--mapper', 'joint')}" if row in ("full", "stopgrad") else ""
-    return f"{trainable}: {what}{mapper}"
+    return f"{trainable}: {what}{mapper} ({option('--epochs', TRAIN_DEFAULTS['epochs'])} ep.)"
 
 
 def picture(results_files: list[Path], file: Path, split: str = "val", tag: str = "attribute") -> list[tuple]:
@@ -151,13 +151,15 @@ def picture(results_files: list[Path], file: Path, split: str = "val", tag: str 
             credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
                        if r["collapsed_tag"] == tag]
             name = label(results["settings"], row)
-            rows.setdefault(name, (name.split(":")[0], []))[1].append(credits)
+            group = name.split(":")[0] + name[name.rindex(" ("):]  # the trainable set and the epochs
+            rows.setdefault(name, (group, []))[1].append(credits)
     if not rows:
         raise SystemExit(f"toy_evidence.py: no {split} runs in {[str(f) for f in results_files]}")
     bands = {trainable: (100 * bootstrap_interval(np.array(runs[0], dtype=float)), runs)
              for name, (trainable, runs) in rows.items() if "control" in name}
-    order = sorted(rows, key=lambda n: (["layernorm", "image", "all"].index(rows[n][0])
-                                        if rows[n][0] in ("layernorm", "image", "all") else 3, "control" not in n, n))
+    sets = ["layernorm", "image", "all"]
+    order = sorted(rows, key=lambda n: (sets.index(n.split(":")[0]) if n.split(":")[0] in sets else 3, rows[n][0],
+                                        "control" not in n, n))
     top = max(100 * float(np.mean(c)) for _, runs in rows.values() for c in runs)
     scale_max = min(100, 10 * math.ceil((top + 5) / 10))
     left, width, height, row_h = 330, 420, 40 + 24 * len(order), 24
