@@ -8,7 +8,9 @@ uninterrupted one, and refuses other weights, other captions or other settings b
 learning-rate schedule and clipping change (and logs it); torchrun with 2 processes matches one
 process at the same global batch; the export loads in transformers with the same embeddings as
 our load_clip; --winoground scores as eval_winoground does and changes no weight; --toy makes the
-toy world the defaults; bad inputs, bad settings and damaged checkpoints stop with one sentence
+toy world the defaults; --trainable image / all train what they name and export; --mapper fitted is the
+ridge fit, frozen, and resumes bit-identically; the logged gradient norms are each loss term's own (zero at
+λ = 0, the same with two processes); bad inputs, bad settings and damaged checkpoints stop with one sentence
 naming the file or value; a non-finite loss, gradient or update stops the run, and the checkpoint
 it names holds weights that gave a finite loss.
 """
