@@ -699,6 +699,9 @@ def fit_mapper_to_latents(args, clip: nn.Module, mapper: Mapper, dataset: CocoCa
     size = mapper.latent_shape[-1] * vae.downsampling_factor  # SD's resolution: 64 × 8 = 512
     to_sd, count = sd_image_transform(size), min(args.mapper_images, len(dataset))
     index = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
+    if len(index) < 2:
+        raise SystemExit(f"train.py: --mapper fitted needs at least 2 training images (one held out); "
+                         f"{args.coco_root} has {len(dataset)}")
     embeds, latents = [], []
     with torch.no_grad(), autocast(device, args.precision):
         for chunk in tqdm(np.array_split(index, math.ceil(len(index) / 32)), desc="fitting h_w",
