@@ -242,9 +242,9 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
         if [cs[0] for cs in ranking["captions"]] != [cs[0] for cs in dataset.captions[: len(ranking["captions"])]]:
             raise SystemExit(f"toy_controls.py: the teacher's ranking was computed on other images than the first "
                              f"{len(ranking['captions']):,} of {args.coco_root}: delete its cache and rerun")
-        teacher_errors_ = torch.tensor(ranking["errors"], dtype=torch.float64)
-        temperature = fit_temperature(teacher_errors_)
-        teacher = F.softmax(-teacher_errors_ / temperature, dim=-1).float()  # p_T(c | x), (count, 3)
+        diffusion = torch.tensor(ranking["errors"], dtype=torch.float64)
+        temperature = fit_temperature(diffusion)
+        teacher = F.softmax(-diffusion / temperature, dim=-1).float()  # p_T(c | x), (count, 3)
         right = 100 * (teacher.argmax(-1) == 0).double().mean().item()
         negatives += (f"; the teacher's ranking of {len(teacher):,} images' caption and its 2 swaps, temperature "
                       f"{temperature:.3g} (its top caption the true one on {right:.1f} %), weight {ranking_weight}")
