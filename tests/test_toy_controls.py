@@ -226,3 +226,16 @@ def test_finetune_with_the_teacher_ranking(world, tmp_path):
     with pytest.raises(SystemExit, match="other images than the first 40"):
         tc.finetune_hard_negatives(world["clip"], world["train"], tmp_path / "wrong", max_steps=1,
                                    flags=["--device=cpu"], hard_negatives=False, ranking=wrong)
+
+
+def test_finetune_takes_train_pys_trainable_set(world, tmp_path):
+    """--trainable image, passed as train.py flags (as toy_evidence.py's --train_flags does): the image tower,
+    its projection and every LayerNorm move; the rest of the text tower does not."""
+    before = load_clip(world["clip"]).state_dict()
+    folder = tc.finetune_hard_negatives(world["clip"], world["train"], tmp_path / "image", max_steps=2,
+                                        flags=["--device=cpu", "--trainable", "image"])
+    moved = changed(before, folder)
+    layernorms = {key for key in before if "layer_norm" in key or "layrnorm" in key or "layernorm" in key}
+    assert {key for key in moved if key.startswith("text_model.")} <= layernorms
+    assert "visual_projection.weight" in moved and "text_projection.weight" not in moved
+    assert any(key.startswith("vision_model.encoder") and key not in layernorms for key in moved)

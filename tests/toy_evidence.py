@@ -36,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from eval_winoground import compare_runs, format_comparison, image_correct, text_correct  # noqa: E402
+from eval_winoground import bootstrap_interval, compare_runs, format_comparison, image_correct, text_correct  # noqa: E402
 from weights.toyworld import MODELS_DIR, TAGS, TOY_DIR, TRAIN_DEFAULTS, build  # noqa: E402
 import toy_controls  # noqa: E402  (tests/: the hard-negative controls, the probes, retention)
 
@@ -138,7 +138,6 @@ def picture(results_files: list[Path], file: Path, split: str = "val", tag: str 
     the mean), each beside its control's band (the same trainable set, λ = 0: the 95 % bootstrap interval
     over the split's examples of that tag, seed 0, and every control seed's dot). Returns the rows drawn."""
     from PIL import Image, ImageDraw  # noqa: PLC0415 (only the picture needs it)
-    from eval_winoground import bootstrap_interval  # noqa: PLC0415
 
     rows = {}  # label → (trainable, [per seed: group credits of the tag's examples])
     for results_file in results_files:
