@@ -23,7 +23,7 @@ the local Hugging Face cache.
 
     python eval_winoground.py --clip weights/clip-vit-base-patch32 --out out/clip.json
     python eval_winoground.py --sd weights/stable-diffusion-v1-4 --timesteps 20 --out out/sd.json
-    python eval_winoground.py --toy --sd          # the toy world's SD on its test split (weights/toyworld.py)
+    python eval_winoground.py --toy --sd          # the toy world's SD on its test split (weights/toyworld/)
 
 Every score comes with its 95 % bootstrap interval over examples (Winoground's 400 examples leave a
 group score of 8 uncertain by about ±2.6 points). Two runs on the same examples are compared per
@@ -37,59 +37,39 @@ The diffusion score costs 2 × 2 × timesteps UNet calls per example (×1.5 with
 """
 
 import argparse
-import io
-import json
 import math
-import os
 import sys
-import tempfile
-import zipfile
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision import transforms
 from tqdm import tqdm
 
-from clip import DOWNLOAD_HINT, Tokenizer, hub_path, image_transform, load_clip, open_image, to_rgb
-from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, check_scheduler, denoising_error, encode_prompt
-from unet import load_unet
-from vae import load_vae
+from clip import Tokenizer, image_transform
+from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, StableDiffusion, denoising_error, encode_prompt
+from sds import sd_image_transform
+from weights.networks import DOWNLOAD_HINT, hub_path, load_clip, load_stable_diffusion, load_tokenizer
+from weights.runs import can_write, write_results
+from weights.winoground import METRICS, Example, ImagePairs, Winoground, read_run
 
 DEFAULT_DATA = "weights/winoground"
 DEFAULT_CLIP = "weights/clip-vit-base-patch32"
 DEFAULT_SD = "weights/stable-diffusion-v1-4"
-# --toy: the small world of weights/toyworld.py (its models ship in weights/toy-models, its data is drawn on first use).
-TOY_DATA, TOY_CLIP, TOY_SD = "weights/toy/data/test", "weights/toy-models/clip", "weights/toy-models/sd"
-FIELDS = {"id": int, "image_0": str, "image_1": str, "caption_0": str, "caption_1": str,
-          "tag": str, "secondary_tag": str, "num_main_preds": int, "collapsed_tag": str}
-IMAGE_EXTENSION = ".png"  # examples.jsonl names images without extension: "ex_0_img_0" → images/ex_0_img_0.png
-MAX_IMAGE_FILE_BYTES = 1 << 26  # an images.zip member may inflate to this: 9 × the pixels of a 1920 × 1280 RGB image
+# --toy: the small world of weights/toyworld/ (its models ship in weights/toy-models, its data is
+# drawn on first use).
+TOY_DATA, TOY_CLIP, TOY_SD = ("weights/toy/data/test", "weights/toy-models/clip",
+                              "weights/toy-models/sd")
 MAX_RESOLUTION = 2048  # --resolution: 4 × SD 1.x's 512; far larger only runs out of memory
 PRECISIONS = ("bf16", "fp32")  # --precision
-METRICS = ("text", "image", "group")
-BOOTSTRAP_RESAMPLES = 2000  # --bootstrap; on 400 examples an interval's ends vary by ≈ 0.15 points (sd) across seeds
-BOOTSTRAP_SEED = 0  # the same resamples on every run: an interval is a function of the per-example credits alone
+# --bootstrap; on 400 examples an interval's ends vary by ≈ 0.15 points (sd) across seeds
+BOOTSTRAP_RESAMPLES = 2000
+# the same resamples on every run: an interval is a function of the per-example credits alone
+BOOTSTRAP_SEED = 0
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-@dataclass
-class Example:
-    id: int
-    image_0: str  # the image's name ("ex_0_img_0"); Winoground.images() opens it
-    image_1: str
-    caption_0: str
-    caption_1: str
-    tag: str
-    secondary_tag: str
-    num_main_preds: int
-    collapsed_tag: str
 
 
 def text_correct(s) -> bool:
@@ -110,8 +90,8 @@ def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: floa
                        seed: int = BOOTSTRAP_SEED) -> np.ndarray:
     """(2, K): the percentile bootstrap interval of the column means of `values` (N, K), one row per
     example: the central `level` of the means of `resamples` resamples of the N rows, drawn with
-    replacement. Two runs' credits side by side (or their difference) are resampled by example, together:
-    the paired bootstrap."""
+    replacement. Two runs' credits side by side (or their difference) are resampled by example,
+    together: the paired bootstrap."""
     values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)  # (N, K)
     rows = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))  # (R, N)
     means = values[rows].mean(axis=1)  # (R, K)
@@ -119,9 +99,9 @@ def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: floa
 
 
 def mcnemar_p(b: int, c: int) -> float:
-    """Exact McNemar test of two models on the same examples, from the discordant pairs: b right only
-    for the first, c right only for the second. Under "equally good", X ~ Binomial(b + c, ½) and
-    p = min(1, 2·P(X ≤ min(b, c))) (two-sided); p = 1 when no example tells them apart."""
+    """Exact McNemar test of two models on the same examples, from the discordant pairs: b right
+    only for the first, c right only for the second. Under "equally good", X ~ Binomial(b + c, ½)
+    and p = min(1, 2·P(X ≤ min(b, c))) (two-sided); p = 1 when no example tells them apart."""
     n = b + c
     return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
 
@@ -129,110 +109,65 @@ def mcnemar_p(b: int, c: int) -> float:
 # ----------------------------------------------------------------------------- CLIP score
 
 
-class ImagePairs(torch.utils.data.Dataset):
-    """Example n → its two images, preprocessed, (2, 3, S, S). Served by a DataLoader so that
-    decoding and resizing (Winoground's PNGs are up to 1920 × 1280, about 0.2 s each on one
-    core) run in worker processes while the model works."""
-
-    def __init__(self, data: "Winoground", examples: list[Example], transform, size: int):
-        self.data, self.examples, self.transform, self.size = data, examples, transform, size
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, n: int) -> torch.Tensor:
-        return torch.stack([self.transform(image) for image in self.data.images(self.examples[n], self.size)])
-
-
 @torch.no_grad()
-def clip_scores(model, tokenizer: Tokenizer, data: "Winoground", examples: list[Example], batch_size: int = 32,
-                device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
-    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a time;
-    precision "bf16" runs the towers under bfloat16 autocast (the cosines are taken in float32)."""
+def clip_scores(model, tokenizer: Tokenizer, data: Winoground, examples: list[Example],
+                batch_size: int = 32, device: str | torch.device = "cpu", workers: int = 0,
+                precision: str = "fp32") -> torch.Tensor:
+    """(N, 2, 2) cosine similarities s[n, c, i] of caption c and image i, batch_size examples at a
+    time; precision "bf16" runs the towers under bfloat16 autocast (the cosines are taken in
+    float32)."""
     size = model.config.vision.image_size
     pairs = ImagePairs(data, examples, image_transform(size), size)
     loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, num_workers=workers)
     dtype = next(model.parameters()).dtype
     scores = []
     with tqdm(total=len(examples), desc="CLIP", unit="example") as progress:
-        for start, pixels in zip(range(0, len(examples), batch_size), loader):  # pixels: (B, 2, 3, S, S)
+        # pixels: (B, 2, 3, S, S)
+        for start, pixels in zip(range(0, len(examples), batch_size), loader):
             batch = examples[start : start + batch_size]
-            ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])  # (2B, 77)
+            # (2B, 77)
+            ids = tokenizer([caption for e in batch for caption in (e.caption_0, e.caption_1)])
             with autocast(device, precision):
                 images = model.encode_image(pixels.flatten(0, 1).to(device, dtype))  # (2B, D)
                 texts = model.encode_text(ids.to(device))  # (2B, D)
-            # float32: a bfloat16 cosine keeps 8 bits (steps of 2^-9 near 0.3), and Winoground counts a tie as a failure
+            # float32: a bfloat16 cosine keeps 8 bits (steps of 2^-9 near 0.3), and Winoground
+            # counts a tie as a failure
             images, texts = F.normalize(images.float(), dim=-1), F.normalize(texts.float(), dim=-1)
             # (B, caption, image): each example's captions against its own two images only.
-            texts, images = texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)  # (B, 2, D)
+            # (B, 2, D)
+            texts, images = texts.view(len(batch), 2, -1), images.view(len(batch), 2, -1)
             scores.append(torch.einsum("bcd,bid->bci", texts, images))
             progress.update(len(batch))
     return torch.cat(scores).float().cpu()
 
 
 def autocast(device: str | torch.device, precision: str) -> torch.autocast:
-    """precision "bf16": matmuls and convolutions in bfloat16 under autocast; "fp32": autocast off."""
+    """precision "bf16": matmuls and convolutions in bfloat16 under autocast; "fp32": autocast
+    off."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------- diffusion score
 
 
 def timestep_grid(n: int) -> torch.Tensor:
-    """The centres of n equal bins of the timesteps 0 … 999, rounded down: t_k = ⌊(k + ½) · 1000 / n⌋.
-    n = 20 gives 25, 75, …, 975 (the grid of Diffusion Classifier); n = 1000 gives every timestep."""
+    """The centres of n equal bins of the timesteps 0 … 999, rounded down:
+    t_k = ⌊(k + ½) · 1000 / n⌋. n = 20 gives 25, 75, …, 975 (the grid of Diffusion Classifier);
+    n = 1000 gives every timestep."""
     if not 1 <= n <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"--timesteps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {n}")
     return ((torch.arange(n) + 0.5) * NUM_TRAIN_TIMESTEPS / n).long()
 
 
-def sd_image_transform(resolution: int) -> transforms.Compose:
-    """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side, centre crop."""
-    return transforms.Compose([
-        to_rgb,
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] → [-1, 1]
-    ])
-
-
-@dataclass
-class StableDiffusion:
-    """The parts of SD 1.x or 2.x-base that score a caption–image pair (the frozen ones; no sampler needed)."""
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: Tokenizer
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "StableDiffusion":
-        path = hub_path(path)  # a hub id: its snapshot in the local Hugging Face cache
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} not found: --sd takes a Stable Diffusion 1.x or 2.x-base folder in "
-                                    f"diffusers layout — {DOWNLOAD_HINT}")
-        missing = [name for name in ("vae", "unet", "text_encoder", "tokenizer") if not (path / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{path} lacks the subfolder(s) {missing} of a diffusers Stable Diffusion "
-                                    f"folder — {DOWNLOAD_HINT}")
-        check_scheduler(path)  # an ε-prediction model with SD's noise schedule
-        return cls(vae=load_vae(path / "vae", device, dtype), unet=load_unet(path / "unet", device, dtype),
-                   text_encoder=load_clip(path / "text_encoder", device, dtype),
-                   tokenizer=Tokenizer.from_pretrained(path / "tokenizer"))
-
-    @property
-    def resolution(self) -> int:
-        """The image side the model was trained at: latent side × the VAE's factor (64 × 8 = 512 for SD 1.x)."""
-        return self.unet.config.sample_size * self.vae.downsampling_factor
-
-
 @torch.no_grad()
-def diffusion_errors(sd: StableDiffusion, data: "Winoground", examples: list[Example], timesteps: torch.Tensor,
-                     seed: int = 0, batch_size: int = 8, resolution: int | None = None, unconditional: bool = False,
-                     device: str | torch.device = "cpu", workers: int = 0, precision: str = "fp32") -> torch.Tensor:
+def diffusion_errors(sd: StableDiffusion, data: Winoground, examples: list[Example],
+                     timesteps: torch.Tensor, seed: int = 0, batch_size: int = 8,
+                     resolution: int | None = None, unconditional: bool = False,
+                     device: str | torch.device = "cpu", workers: int = 0,
+                     precision: str = "fp32") -> torch.Tensor:
     """(N, C, 2, T) denoising errors ‖ε_θ(z_t, t, c) − ε‖² of caption c (C = 2, or 3 with the empty
     prompt last when `unconditional`) on image i at timestep timesteps[k]; images at `resolution`
     pixels a side (default: the model's own, sd.resolution).
@@ -241,29 +176,37 @@ def diffusion_errors(sd: StableDiffusion, data: "Winoground", examples: list[Exa
     (T, 4, h, w) tensor; ε for timestep k is its k-th slice, shared by the pairs of the example,
     so that the pairs differ only in caption and image (a paired comparison, much less noisy).
     The C × 2 × T UNet calls of an example run batch_size at a time, under bfloat16 autocast with
-    precision "bf16" (load `sd` in bfloat16 too: StableDiffusion.from_pretrained(..., dtype=torch.bfloat16))."""
+    precision "bf16" (load `sd` in bfloat16 too:
+    load_stable_diffusion(..., dtype=torch.bfloat16))."""
     device = torch.device(device)
     schedule = NoiseSchedule()  # SD 1.x's training schedule
     resolution = resolution or sd.resolution
     pairs = ImagePairs(data, examples, sd_image_transform(resolution), resolution)
-    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers)  # one example at a time
+    # one example at a time
+    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers)
     generator = torch.Generator().manual_seed(seed)
     timesteps = timesteps.to(device)
     errors = []
     with autocast(device, precision):
-        empty = encode_prompt(sd.text_encoder, sd.tokenizer, [""]) if unconditional else None  # (1, 77, 768)
-        for example, pixels in tqdm(zip(examples, loader), total=len(examples), desc="diffusion score", unit="example"):
-            latents = sd.vae.images_to_latents(pixels.to(device))  # (2, 4, R/8, R/8): posterior mean × scaling factor
+        # (1, 77, 768)
+        empty = encode_prompt(sd.text_encoder, sd.tokenizer, [""]) if unconditional else None
+        for example, pixels in tqdm(zip(examples, loader), total=len(examples),
+                                    desc="diffusion score", unit="example"):
+            # (2, 4, R/8, R/8): posterior mean × scaling factor
+            latents = sd.vae.images_to_latents(pixels.to(device))
             captions = [example.caption_0, example.caption_1]
             context = encode_prompt(sd.text_encoder, sd.tokenizer, captions)  # (2, 77, 768)
             if empty is not None:
                 context = torch.cat([context, empty])  # (3, 77, 768)
-            noise = torch.randn((len(timesteps), *latents.shape[1:]), generator=generator).to(device)  # (T, 4, h, w)
+            noise = torch.randn((len(timesteps), *latents.shape[1:]),
+                                generator=generator).to(device)  # (T, 4, h, w)
             # Every (caption, image, timestep) triple, flattened in that order.
             c, i, k = (index.flatten() for index in torch.meshgrid(
-                torch.arange(len(context)), torch.arange(2), torch.arange(len(timesteps)), indexing="ij"))
+                torch.arange(len(context)), torch.arange(2), torch.arange(len(timesteps)),
+                indexing="ij"))
             error = torch.cat([
-                denoising_error(sd.unet, latents[i[s]], timesteps[k[s]], noise[k[s]], context[c[s]], schedule).float()
+                denoising_error(sd.unet, latents[i[s]], timesteps[k[s]], noise[k[s]],
+                                context[c[s]], schedule).float()
                 for s in torch.arange(len(c)).split(batch_size)
             ])
             errors.append(error.view(len(context), 2, len(timesteps)).cpu())
@@ -282,7 +225,8 @@ def score_examples(examples: list[Example], scores: torch.Tensor,
     for example, s, s_image in zip(examples, scores.tolist(), judged_on.tolist()):
         text, image = text_correct(s), image_correct(s_image)
         record = {"id": example.id, "tag": example.tag, "secondary_tag": example.secondary_tag,
-                  "num_main_preds": example.num_main_preds, "collapsed_tag": example.collapsed_tag, "scores": s}
+                  "num_main_preds": example.num_main_preds, "collapsed_tag": example.collapsed_tag,
+                  "scores": s}
         if image_scores is not None:
             record["image_scores"] = s_image
         records.append(record | {"text": text, "image": image, "group": text and image})
@@ -290,17 +234,20 @@ def score_examples(examples: list[Example], scores: torch.Tensor,
 
 
 def percentages(records: list[dict], resamples: int = 0) -> dict:
-    """n and the three scores in %; with `resamples`, "ci95": each score's 95 % bootstrap interval over examples."""
+    """n and the three scores in %; with `resamples`, "ci95": each score's 95 % bootstrap interval
+    over examples."""
     n = len(records)
     row = {"n": n} | {key: 100 * sum(r[key] for r in records) / n for key in METRICS}
     if resamples:
-        low, high = 100 * bootstrap_interval([[r[key] for key in METRICS] for r in records], resamples)
+        low, high = 100 * bootstrap_interval([[r[key] for key in METRICS] for r in records],
+                                             resamples)
         row["ci95"] = {key: [lo, hi] for key, lo, hi in zip(METRICS, low.tolist(), high.tolist())}
     return row
 
 
 def summarize(records: list[dict], resamples: int = 0) -> dict:
-    """Overall and per-subset percentages: by collapsed_tag and by num_main_preds, as in the paper."""
+    """Overall and per-subset percentages: by collapsed_tag and by num_main_preds, as in the
+    paper."""
     summary = {"all": percentages(records, resamples)}
     for key in ("collapsed_tag", "num_main_preds"):
         groups = defaultdict(list)
@@ -313,286 +260,121 @@ def summarize(records: list[dict], resamples: int = 0) -> dict:
 
 def format_table(summary: dict, title: str) -> str:
     """One row per subset: n and each score, followed by its 95 % interval where the row has one."""
-    pad = " " * 15 if any("ci95" in row for row in summary.values()) else ""  # room for " [ 26.3,  35.3]"
-    lines = [title, (f"{'subset':<26}{'n':>5}" + "".join(f"{key:>8}{pad}" for key in METRICS)).rstrip()]
+    # room for " [ 26.3,  35.3]"
+    pad = " " * 15 if any("ci95" in row for row in summary.values()) else ""
+    lines = [title,
+             (f"{'subset':<26}{'n':>5}" + "".join(f"{key:>8}{pad}" for key in METRICS)).rstrip()]
     for name, row in summary.items():
         ci = row.get("ci95")
-        cells = [f"{row[key]:>8.2f}" + (" [{:5.1f}, {:5.1f}]".format(*ci[key]) if ci else pad) for key in METRICS]
+        cells = [f"{row[key]:>8.2f}" + (" [{:5.1f}, {:5.1f}]".format(*ci[key]) if ci else pad)
+                 for key in METRICS]
         lines.append(f"{name:<26}{row['n']:>5}" + "".join(cells))
     return "\n".join(lines)
 
 
-def read_run(path: str | Path) -> dict[int, list[bool]]:
-    """The text, image and group credits of each example of a run saved with --out, by example id."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --compare takes two results files written with --out")
-    try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
-        credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not written by this script
-        raise ValueError(f"{path} is not a results file of eval_winoground.py --out ({type(err).__name__}: "
-                         f"{err})") from None
-    flags = [credit for example in credits.values() for credit in example]
-    if not credits or len(credits) != len(examples) or not all(isinstance(credit, bool) for credit in flags):
-        raise ValueError(f"{path} holds no examples, repeats an example id or has credits that are not true/false: "
-                         f"write it again with eval_winoground.py --out")
-    return credits
-
-
-def compare_runs(path_a: str | Path, path_b: str | Path, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+def compare_runs(path_a: str | Path, path_b: str | Path,
+                 resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
     """Run B against run A on the same examples (matched by id): per score, both percentages, the
     difference B − A in points with its paired bootstrap 95 % interval, the discordant examples
     (right only in A, right only in B) and McNemar's exact p-value on them."""
     a, b = read_run(path_a), read_run(path_b)
     if a.keys() != b.keys():
         only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
-        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in the first, e.g. ids "
-                         f"{only_a[:5]}; {len(only_b)} only in the second, e.g. ids {only_b[:5]}): compare two runs "
-                         f"on the same examples (the same --data and --limit)")
+        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in "
+                         f"the first, e.g. ids {only_a[:5]}; {len(only_b)} only in the second, "
+                         f"e.g. ids {only_b[:5]}): compare two runs on the same examples (the same "
+                         f"--data and --limit)")
     ids = sorted(a)
-    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))  # (N, 3) each
+    # (N, 3) each
+    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))
     low, high = 100 * bootstrap_interval(credit_b - credit_a, resamples)
     n, metrics = len(ids), {}
     for k, key in enumerate(METRICS):
         right_a, right_b = int(credit_a[:, k].sum()), int(credit_b[:, k].sum())
         only_a = int((credit_a[:, k] > credit_b[:, k]).sum())
         only_b = int((credit_b[:, k] > credit_a[:, k]).sum())
-        metrics[key] = {"a": 100 * right_a / n, "b": 100 * right_b / n, "difference": 100 * (right_b - right_a) / n,
+        metrics[key] = {"a": 100 * right_a / n, "b": 100 * right_b / n,
+                        "difference": 100 * (right_b - right_a) / n,
                         "ci95": [float(low[k]), float(high[k])],
                         "only_a": only_a, "only_b": only_b, "mcnemar_p": mcnemar_p(only_a, only_b)}
-    return {"a": str(path_a), "b": str(path_b), "n": n, "bootstrap_resamples": resamples, "metrics": metrics}
+    return {"a": str(path_a), "b": str(path_b), "n": n, "bootstrap_resamples": resamples,
+            "metrics": metrics}
 
 
 def format_comparison(comparison: dict) -> str:
-    lines = [f"Winoground, B − A on {comparison['n']} examples scored by both: A = {comparison['a']}, "
-             f"B = {comparison['b']}",
-             f"{'':<8}{'A':>8}{'B':>8}{'B − A':>8}{'95 % interval':>18}{'only A':>8}{'only B':>8}{'McNemar p':>11}"]
+    lines = [f"Winoground, B − A on {comparison['n']} examples scored by both: "
+             f"A = {comparison['a']}, B = {comparison['b']}",
+             f"{'':<8}{'A':>8}{'B':>8}{'B − A':>8}{'95 % interval':>18}{'only A':>8}{'only B':>8}"
+             f"{'McNemar p':>11}"]
     for key, row in comparison["metrics"].items():
         interval = "[{:+.1f}, {:+.1f}]".format(*row["ci95"])
-        lines.append(f"{key:<8}{row['a']:>8.2f}{row['b']:>8.2f}{row['difference']:>+8.2f}{interval:>18}"
-                     f"{row['only_a']:>8}{row['only_b']:>8}{row['mcnemar_p']:>11.3g}")
+        lines.append(f"{key:<8}{row['a']:>8.2f}{row['b']:>8.2f}{row['difference']:>+8.2f}"
+                     f"{interval:>18}{row['only_a']:>8}{row['only_b']:>8}{row['mcnemar_p']:>11.3g}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def leaves_folder(name: str) -> bool:
-    """Whether a file name read from a dataset points outside the folder it is looked up in ("/etc/…", "../…",
-    "C:\\…"); PureWindowsPath splits at both / and \\."""
-    parts = PureWindowsPath(name)
-    return bool(PurePosixPath(name).is_absolute() or parts.anchor or ".." in parts.parts)
-
-
-def _check_fields(record: dict, where: str) -> None:
-    """The nine Winoground fields with the right types, or a ValueError naming `where`."""
-    missing = [name for name in FIELDS if name not in record]
-    if missing:
-        raise ValueError(f"{where} lacks the field(s) {missing}; every Winoground example has {list(FIELDS)}")
-    for name, kind in FIELDS.items():
-        value = record[name]
-        if name.startswith("image_") and isinstance(value, dict):  # parquet: {"bytes": …, "path": …}
-            continue
-        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-            raise ValueError(f"{where}: field {name!r} should be an integer, got {value!r}")
-        if kind is str and not isinstance(value, str):
-            raise ValueError(f"{where}: field {name!r} should be a string, got {value!r}")
-        if name.startswith("image_") and leaves_folder(value):  # an image name is looked up inside images/
-            raise ValueError(f"{where}: {name} {value!r} is an absolute path or goes up with '..'; Winoground "
-                             f"names its images like 'ex_0_img_0', files inside images/")
-
-
-class Winoground:
-    """The examples and their images from a local copy of facebook/winoground.
-
-    `path` is the dataset folder or its data/ subfolder, holding examples.jsonl with images/
-    (ex_0_img_0.png, …) or images.zip, or parquet files; or examples.jsonl or a .parquet file.
-    Every image is checked to exist up front, so a broken copy fails before any model loads."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"Winoground not found at {path}: it is gated on the Hugging Face hub, so accept "
-                                    f"its terms at https://huggingface.co/datasets/facebook/winoground, then run "
-                                    f"`python weights/download.py --winoground {path} --token hf_...`, or pass --data")
-        self.root, self.zip, self.image_bytes = None, None, {}
-        if path.name == "examples.jsonl":
-            path = path.parent
-        folder = next((f for f in (path, path / "data") if (f / "examples.jsonl").is_file()), None)
-        if folder is not None:
-            self.examples = self._read_jsonl(folder / "examples.jsonl")
-            self._open_images(folder)
-        else:
-            files = [path] if path.is_file() and path.suffix == ".parquet" else sorted(path.rglob("*.parquet"))
-            if not files:
-                raise FileNotFoundError(f"{path} holds no examples.jsonl (nor data/examples.jsonl) and no parquet "
-                                        f"files: point --data to a copy of facebook/winoground")
-            self.examples = self._read_parquet(files)
-        ids = [e.id for e in self.examples]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{path}: example ids repeat ({len(ids) - len(set(ids))} duplicates); the copy looks "
-                             f"corrupt")
-
-    @staticmethod
-    def _read_jsonl(file: Path) -> list[Example]:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{file} is not UTF-8 text (byte {err.start} cannot be decoded: {err.reason}); "
-                             f"download the dataset again") from None
-        examples = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file} line {number} is not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{file} line {number} is not a JSON object")
-            _check_fields(record, f"{file} line {number}")
-            examples.append(Example(**{k: record[k] for k in FIELDS}))
-        if not examples:
-            raise ValueError(f"{file} holds no examples")
-        return examples
-
-    def _open_images(self, folder: Path) -> None:
-        names = [name for e in self.examples for name in (e.image_0, e.image_1)]
-        if (folder / "images").is_dir():
-            self.root = folder / "images"
-            missing = [n for n in names if not (self.root / self._file_name(n)).is_file()]
-            where = self.root
-        elif (folder / "images.zip").is_file():
-            self.zip = folder / "images.zip"
-            try:
-                with zipfile.ZipFile(self.zip) as archive:
-                    # The official zip holds images/ex_0_img_0.png …; look images up by file name only.
-                    infos = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
-            except zipfile.BadZipFile:
-                raise ValueError(f"{self.zip} is not a readable zip file; download it again") from None
-            self.members = {name: info.filename for name, info in infos.items()}
-            missing = [n for n in names if self._file_name(n) not in self.members]
-            huge = [infos[f] for f in map(self._file_name, names)
-                    if f in infos and infos[f].file_size > MAX_IMAGE_FILE_BYTES]
-            if huge:
-                raise ValueError(f"{self.zip}: {huge[0].filename} inflates to {huge[0].file_size:,} bytes, more than "
-                                 f"any image file (the limit is {MAX_IMAGE_FILE_BYTES:,}); download the dataset again")
-            where = folder / "images.zip"
-        else:
-            raise FileNotFoundError(f"{folder} has examples.jsonl but neither images/ nor images.zip; "
-                                    f"download the images of facebook/winoground too")
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) of {folder / 'examples.jsonl'} not found in {where}: "
-                                    f"{', '.join(self._file_name(n) for n in missing[:10])}")
-
-    def _read_parquet(self, files: list[Path]) -> list[Example]:
-        try:
-            import pyarrow.parquet as pq  # optional: only this layout needs it
-        except ImportError:
-            raise ImportError(f"{files[0]} is a parquet file and reading it needs pyarrow (`pip install pyarrow`); "
-                              f"or use the examples.jsonl + images.zip layout of facebook/winoground") from None
-        examples = []
-        for file in files:
-            try:
-                rows = pq.read_table(file).to_pylist()
-            except Exception as err:  # pyarrow raises its own error types for a bad file
-                raise ValueError(f"{file} is not a readable parquet file ({err})") from None
-            for number, record in enumerate(rows):
-                where = f"{file} row {number}"
-                _check_fields(record, where)
-                fields = {k: record[k] for k in FIELDS}
-                for key in ("image_0", "image_1"):
-                    image = record[key]
-                    if not isinstance(image, dict) or not image.get("bytes"):
-                        raise ValueError(f"{where}: {key} holds no image bytes")
-                    fields[key] = f"{record['id']}/{key}"
-                    self.image_bytes[fields[key]] = image["bytes"]
-                examples.append(Example(**fields))
-        return examples
-
-    @staticmethod
-    def _file_name(name: str) -> str:
-        return name if Path(name).suffix else name + IMAGE_EXTENSION
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
-
-    def image(self, name: str, size: int | None = None) -> Image.Image:
-        """The decoded image; with `size` (the side the preprocessing resizes to) a large one is decoded reduced."""
-        if name in self.image_bytes:
-            source, where = io.BytesIO(self.image_bytes[name]), f"parquet image {name}"
-        elif self.zip is not None:
-            member = self.members[self._file_name(name)]
-            where = f"{self.zip}:{member}"
-            # Opened per image (it costs about a millisecond): an open ZipFile shares its file
-            # position with the DataLoader's forked workers and they would read each other's bytes.
-            try:
-                with zipfile.ZipFile(self.zip) as archive, archive.open(member) as file:
-                    data = file.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded: the size a zip lists can lie
-            except zipfile.BadZipFile as err:  # a bad CRC, say
-                raise ValueError(f"{where} cannot be read ({err}); download the dataset again") from None
-            if len(data) > MAX_IMAGE_FILE_BYTES:
-                raise ValueError(f"{where} inflates to more than {MAX_IMAGE_FILE_BYTES:,} bytes, more than any image "
-                                 f"file; download the dataset again")
-            source = io.BytesIO(data)
-        else:
-            source = where = self.root / self._file_name(name)
-        try:
-            return open_image(source, where, size)
-        except ValueError as err:  # unreadable, or too large to decode safely
-            raise ValueError(f"{err}; download the dataset again") from None
-
-    def images(self, example: Example, size: int | None = None) -> tuple[Image.Image, Image.Image]:
-        return self.image(example.image_0, size), self.image(example.image_1, size)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group()
     # const="": given alone, the flag means the default model (the toy world's with --toy).
     model.add_argument("--clip", nargs="?", const="",
-                       help=f"CLIP checkpoint folder or .safetensors (alone: {DEFAULT_CLIP}; the default when "
-                            f"neither is given)")
+                       help=f"CLIP checkpoint folder or .safetensors (alone: {DEFAULT_CLIP}; the "
+                            f"default when neither is given)")
     model.add_argument("--sd", nargs="?", const="",
-                       help=f"Stable Diffusion 1.x or 2.x-base diffusers folder or hub id (alone: {DEFAULT_SD})")
+                       help=f"Stable Diffusion 1.x or 2.x-base diffusers folder or hub id (alone: "
+                            f"{DEFAULT_SD})")
     parser.add_argument("--toy", action="store_true",
-                        help=f"the toy world of weights/toyworld.py: --data defaults to {TOY_DATA}, a bare --clip "
-                             f"means {TOY_CLIP} (also the default model), a bare --sd {TOY_SD}")
-    parser.add_argument("--data", help=f"facebook/winoground copy: folder (or its data/) with examples.jsonl + "
-                                       f"images/ or images.zip, or parquet (default: {DEFAULT_DATA})")
-    parser.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); default: the "
-                                            "checkpoint's folder")
-    parser.add_argument("--out", help="write settings, totals and per-example scores (with --compare: the comparison) "
-                                      "to this JSON file")
+                        help=f"the toy world of weights/toyworld/: --data defaults to "
+                             f"{TOY_DATA}, a bare --clip means {TOY_CLIP} (also the default "
+                             f"model), a bare --sd {TOY_SD}")
+    parser.add_argument("--data", help=f"facebook/winoground copy: folder (or its data/) with "
+                                       f"examples.jsonl + images/ or images.zip, or parquet "
+                                       f"(default: {DEFAULT_DATA})")
+    parser.add_argument("--tokenizer", help="CLIP tokenizer folder (vocab.json + merges.txt); "
+                                            "default: the checkpoint's folder")
+    parser.add_argument("--out", help="write settings, totals and per-example scores (with "
+                                      "--compare: the comparison) to this JSON file")
     parser.add_argument("--limit", type=int, help="score only the first N examples (quick runs)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); SD: UNet inputs "
-                                                       "per batch (default 8; more on a GPU)")
-    parser.add_argument("--workers", type=int, help="processes that decode and resize images (default: 4 with "
-                                                    "CUDA, 0 on a CPU, whose cores the model already uses)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
+    parser.add_argument("--batch_size", type=int, help="CLIP: examples per batch (default 32); "
+                                                       "SD: UNet inputs per batch (default 8; more "
+                                                       "on a GPU)")
+    parser.add_argument("--workers", type=int, help="processes that decode and resize images "
+                                                    "(default: 4 with CUDA, 0 on a CPU, whose "
+                                                    "cores the model already uses)")
     parser.add_argument("--timesteps", type=int, default=20,
                         help="SD: number of timesteps t_k = ⌊(k+½)·1000/N⌋ (20 → 25, 75, …, 975)")
     parser.add_argument("--seed", type=int, default=0, help="SD: seed of the noise")
-    parser.add_argument("--resolution", type=int, help="SD: image side in pixels before the VAE (default: the "
-                                                       "model's own, UNet sample_size × VAE factor: 512 for SD 1.x)")
+    parser.add_argument("--resolution", type=int, help="SD: image side in pixels before the VAE "
+                                                       "(default: the model's own, UNet "
+                                                       "sample_size × VAE factor: 512 for SD 1.x)")
     parser.add_argument("--precision", choices=PRECISIONS,
-                        help="bf16: bfloat16 autocast (SD held in bfloat16); fp32: float32 throughout (default: bf16 "
-                             "for --sd on CUDA, else fp32: CLIP's 800 images take seconds in float32)")
+                        help="bf16: bfloat16 autocast (SD held in bfloat16); fp32: float32 "
+                             "throughout (default: bf16 for --sd on CUDA, else fp32: CLIP's 800 "
+                             "images take seconds in float32)")
     parser.add_argument("--normalize_image_score", action="store_true",
-                        help="SD: judge images on the error minus the empty-prompt error (DiffusionITM)")
+                        help="SD: judge images on the error minus the empty-prompt error "
+                             "(DiffusionITM)")
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
-                        help="resamples of the examples for the 95 %% intervals of every score (seeded)")
+                        help="resamples of the examples for the 95 %% intervals of every score "
+                             "(seeded)")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                        help="instead of scoring: B − A of two runs saved with --out, on the same examples, with a "
-                             "paired bootstrap 95 %% interval and McNemar's exact p-value")
+                        help="instead of scoring: B − A of two runs saved with --out, on the same "
+                             "examples, with a paired bootstrap 95 %% interval and McNemar's exact "
+                             "p-value")
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse's one-line error for a value no run can use; the paths the user did not spell out:
+    the toy world's with --toy, else the real models and data."""
     if args.compare and (args.clip is not None or args.sd is not None or args.toy):
         parser.error("--compare reads two saved runs; it takes no --clip, --sd or --toy")
     if args.bootstrap < 1:
@@ -602,20 +384,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be positive")
     if args.resolution is not None and not 1 <= args.resolution <= MAX_RESOLUTION:
-        parser.error(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, got {args.resolution}")
-    if args.out and (Path(args.out).is_dir() or not can_write(Path(args.out).parent)):  # before hours of scoring
-        parser.error(f"--out {args.out} cannot be written (a folder, or a file or a read-only folder is in its way); "
-                     f"pass another --out")
+        parser.error(f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, got "
+                     f"{args.resolution}")
+    # before hours of scoring
+    if args.out and (Path(args.out).is_dir() or not can_write(Path(args.out).parent)):
+        parser.error(f"--out {args.out} cannot be written (a folder, or a file or a read-only "
+                     f"folder is in its way); pass another --out")
     if args.workers is None:
         args.workers = 4 if torch.device(args.device).type == "cuda" else 0
     if args.workers < 0:
         parser.error("--workers must be 0 or more")
-    # Paths the user did not spell out: the toy world's with --toy, else the real models and data.
     if args.toy:
-        from weights.toyworld import build  # draws the toy data on first use; paths from wherever this runs
+        # draws the toy data on first use; paths from wherever this runs
+        from weights.toyworld import build
         toy = build()
         args.data = args.data or str(toy["test"])
-        args.clip = str(toy["clip"]) if args.clip == "" or (args.clip is None and args.sd is None) else args.clip
+        args.clip = (str(toy["clip"]) if args.clip == "" or (args.clip is None and args.sd is None)
+                     else args.clip)
         args.sd = str(toy["sd"]) if args.sd == "" else args.sd
     if args.data is None:
         args.data = DEFAULT_DATA
@@ -624,86 +409,83 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sd == "":
         args.sd = DEFAULT_SD
     if args.precision is None:  # as before --precision existed: the diffusion score in bf16 on CUDA
-        args.precision = "bf16" if args.sd is not None and torch.device(args.device).type == "cuda" else "fp32"
-    return args
-
-
-def can_write(folder: Path) -> bool:
-    """Whether files can be made in `folder`, making it first if need be (nothing is made here)."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
-
-
-def write_results(results: dict, out: str) -> None:
-    """results.json to --out or, if that fails now that the work is done, to a temporary file: say where."""
-    text = json.dumps(results, indent=1) + "\n"
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    except OSError as err:
-        with tempfile.NamedTemporaryFile("w", prefix="winoground-", suffix=".json", delete=False) as kept:
-            kept.write(text)
-        sys.exit(f"error: --out {out} cannot be written ({err}); the results are in {kept.name}")
-    print(f"wrote {out}")
+        args.precision = ("bf16" if args.sd is not None and torch.device(args.device).type == "cuda"
+                          else "fp32")
 
 
 def check_finite(values: torch.Tensor, examples: list[Example], model: str) -> None:
-    """Scores are compared with >, and every comparison with a NaN is false: NaN scores would read as
-    0 % everywhere rather than as the broken model they come from."""
+    """Scores are compared with >, and every comparison with a NaN is false: NaN scores would read
+    as 0 % everywhere rather than as the broken model they come from."""
     bad = [e.id for e, v in zip(examples, values) if not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{model} gives NaN or infinite scores for {len(bad)} of {len(examples)} examples (ids "
-                         f"{', '.join(map(str, bad[:10]))}); its weights are damaged, or overflow in this precision "
-                         f"— check the checkpoint, or pass --precision fp32")
+        raise ValueError(f"{model} gives NaN or infinite scores for {len(bad)} of {len(examples)} "
+                         f"examples (ids {', '.join(map(str, bad[:10]))}); its weights are "
+                         f"damaged, or overflow in this precision — check the checkpoint, or pass "
+                         f"--precision fp32")
+
+
+def score_clip(args: argparse.Namespace, data: Winoground, examples: list[Example],
+               settings: dict) -> tuple:
+    """--clip: the records of the cosine score, and the table's title; `settings` gains the
+    run's."""
+    clip_path = hub_path(args.clip)  # a hub id: its snapshot in the local Hugging Face cache
+    model = load_clip(clip_path, args.device)
+    if model.vision_model is None:
+        raise ValueError(f"{clip_path} holds a text tower only (Stable Diffusion's text_encoder?); "
+                         f"scoring images needs a full CLIP checkpoint")
+    beside = clip_path if clip_path.is_dir() else clip_path.parent
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else beside
+    try:
+        tokenizer = load_tokenizer(tokenizer_path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was "
+                                f"fine-tuned from") from None
+    batch_size = args.batch_size or 32
+    settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path),
+                 "batch_size": batch_size,
+                 "score": "cosine similarity of the caption and image embeddings"}
+    scores = clip_scores(model, tokenizer, data, examples, batch_size, args.device, args.workers,
+                         args.precision)
+    check_finite(scores, examples, f"CLIP {clip_path}")
+    records = score_examples(examples, scores)
+    title = f"Winoground, CLIP {clip_path}"
+    return records, title
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Score Winoground as the command line asks; returns the results.json content."""
     if args.clip is None and args.sd is None:
         if not Path(DEFAULT_CLIP).exists():
-            raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — {DOWNLOAD_HINT}, "
-                                    f"or pass --clip PATH or --sd PATH")
+            raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — "
+                                    f"{DOWNLOAD_HINT}, or pass --clip PATH or --sd PATH")
         args.clip = DEFAULT_CLIP
     data = Winoground(args.data)
     examples = data.examples[: args.limit]
-    settings = {"data": str(args.data), "examples": len(examples), "device": args.device, "precision": args.precision,
-                "bootstrap_resamples": args.bootstrap, "torch": torch.__version__}
+    settings = {"data": str(args.data), "examples": len(examples), "device": args.device,
+                "precision": args.precision, "bootstrap_resamples": args.bootstrap,
+                "torch": torch.__version__}
     if args.clip is not None:
-        clip_path = hub_path(args.clip)  # a hub id: its snapshot in the local Hugging Face cache
-        model = load_clip(clip_path, args.device)
-        if model.vision_model is None:
-            raise ValueError(f"{clip_path} holds a text tower only (Stable Diffusion's text_encoder?); "
-                             f"scoring images needs a full CLIP checkpoint")
-        beside = clip_path if clip_path.is_dir() else clip_path.parent
-        tokenizer_path = Path(args.tokenizer) if args.tokenizer else beside
-        try:
-            tokenizer = Tokenizer.from_pretrained(tokenizer_path)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was fine-tuned "
-                                    f"from") from None
-        batch_size = args.batch_size or 32
-        settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path),
-                     "batch_size": batch_size, "score": "cosine similarity of the caption and image embeddings"}
-        scores = clip_scores(model, tokenizer, data, examples, batch_size, args.device, args.workers, args.precision)
-        check_finite(scores, examples, f"CLIP {clip_path}")
-        records = score_examples(examples, scores)
-        title = f"Winoground, CLIP {clip_path}"
+        records, title = score_clip(args, data, examples, settings)
     else:
         timesteps = timestep_grid(args.timesteps)
-        sd = StableDiffusion.from_pretrained(args.sd, args.device,
-                                             torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        sd = load_stable_diffusion(
+            args.sd, args.device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         batch_size, resolution = args.batch_size or 8, args.resolution or sd.resolution
-        settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(), "seed": args.seed,
-                     "resolution": resolution, "batch_size": batch_size,
+        settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(),
+                     "seed": args.seed, "resolution": resolution, "batch_size": batch_size,
                      "normalize_image_score": args.normalize_image_score,
-                     "score": "minus the mean over timesteps of the denoising error ‖ε_θ(z_t, t, c) − ε‖²"}
+                     "score": "minus the mean over timesteps of the denoising error "
+                              "‖ε_θ(z_t, t, c) − ε‖²"}
         errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, resolution,
-                                  args.normalize_image_score, args.device, args.workers, args.precision)  # (N, C, 2, T)
+                                  args.normalize_image_score, args.device, args.workers,
+                                  args.precision)  # (N, C, 2, T)
         check_finite(errors, examples, f"Stable Diffusion {args.sd}")
         scores = -errors[:, :2].mean(dim=-1)  # (N, 2, 2): s[c][i] = −E_t error
-        image_scores = -(errors[:, :2] - errors[:, 2:]).mean(dim=-1) if args.normalize_image_score else None
+        image_scores = (-(errors[:, :2] - errors[:, 2:]).mean(dim=-1)
+                        if args.normalize_image_score else None)
         records = score_examples(examples, scores, image_scores)
-        title = f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, seed {args.seed}" + (
+        title = (f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, "
+                 f"seed {args.seed}") + (
             ", image score normalised" if args.normalize_image_score else "")
     summary = summarize(records, args.bootstrap)
     print(format_table(summary, f"{title} ({len(records)} examples; chance 25 / 25 / 16.67)"))
@@ -719,7 +501,9 @@ if __name__ == "__main__":
         else:
             results = evaluate(arguments)
     except (FileNotFoundError, ValueError, ImportError) as err:
-        # One line: a DataLoader worker's error arrives as "Caught … Original Traceback … Type: message".
-        sys.exit(f"error: {str(err).strip().splitlines()[-1].removeprefix(type(err).__name__ + ': ')}")
+        # One line: a DataLoader worker's error arrives as "Caught … Original Traceback …
+        # Type: message".
+        sys.exit(f"error: "
+                 f"{str(err).strip().splitlines()[-1].removeprefix(type(err).__name__ + ': ')}")
     if arguments.out:
         write_results(results, arguments.out)

@@ -17,17 +17,18 @@ Two readings of "score distillation" are offered by `sds_loss`:
 - mode="stopgrad": DreamFusion's SDS gradient (Poole et al. 2022, https://arxiv.org/abs/2209.14988),
   which skips the UNet Jacobian: ∇ = E[w(t) (ε̂ − ε) ∂z_t/∂θ].
 
-This file loads no weights (`check_scheduler` reads one small JSON file); `train.py` puts the
-pieces together with clip.py and unet.py.
+This file reads no files: weights/networks.py loads the frozen parts (`load_stable_diffusion`
+returns a `StableDiffusion`) and checks the scheduler; `train.py` puts the pieces together.
 """
 
-import json
-import reprlib
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision import transforms
+
+from clip import Tokenizer, to_rgb
 
 # Stable Diffusion 1.x's training noise schedule ("scaled_linear", scheduler/scheduler_config.json).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -41,11 +42,12 @@ class NoiseSchedule:
     β_t = (linspace(√β_start, √β_end, T)_t)²,  ᾱ_t = ∏_{s≤t} (1 − β_s),  t = 0 … T−1.
     """
 
-    def __init__(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START,
-                 beta_end: float = BETA_END):
+    def __init__(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                 beta_start: float = BETA_START, beta_end: float = BETA_END):
         self.num_train_timesteps = num_train_timesteps
         # "scaled_linear": linear in √β, not in β (kept in float32, as SD's scheduler does).
-        self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        self.betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                                    dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t = ∏ (1 − β_s)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -55,42 +57,43 @@ class NoiseSchedule:
         a = a.reshape(a.shape + (1,) * (z0.dim() - a.dim()))  # (B, 1, 1, 1): broadcast over C, H, W
         return a.sqrt() * z0 + (1 - a).sqrt() * noise  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
         """t ~ U{0, …, T−1}, shape (batch_size,), on the CPU (the generator's device)."""
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
 
 
-def check_scheduler(sd_folder: str | Path) -> None:
-    """Refuse a Stable Diffusion folder whose scheduler/scheduler_config.json describes another training
-    than NoiseSchedule and the ε-losses assume (no such file: SD's own is assumed). The 768-pixel SD 2.x
-    models are trained with prediction_type "v_prediction": their UNet outputs v = √ᾱ_t ε − √(1−ᾱ_t) z_0,
-    not ε, so ‖ε_θ − ε‖² would be measured against the wrong target."""
-    file = Path(sd_folder) / "scheduler" / "scheduler_config.json"
-    if not file.is_file():
-        return
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError:  # JSON and UTF-8 errors
-        config = None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} is not a JSON object; fix it or download it again")
-    prediction = config.get("prediction_type", "epsilon")  # diffusers' default, and what SD 1.x's files omit
-    if prediction != "epsilon":
-        raise ValueError(f"{file} says prediction_type {prediction!r}: the SDS loss and the diffusion score need a "
-                         f"UNet that predicts the noise ε (SD 1.x, SD 2.x-base such as "
-                         f"stabilityai/stable-diffusion-2-1-base), not a v-prediction model")
-    # Zero-terminal-SNR rescaling and hand-given betas would change ᾱ_t too.
-    expected = {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END,
-                "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": False, "trained_betas": None}
-    wrong = [f"{key} {reprlib.repr(config[key])} (expected {value!r})" for key, value in expected.items()
-             if key in config and config[key] != value]
-    if wrong:
-        raise ValueError(f"{file} has {', '.join(wrong)}, but NoiseSchedule is Stable Diffusion's training schedule; "
-                         f"this model was trained with another one")
+
+def sd_image_transform(resolution: int) -> transforms.Compose:
+    """PIL image → (3, R, R) in [-1, 1], the VAE's input: RGB, bicubic resize of the shorter side,
+    centre crop."""
+    return transforms.Compose([
+        to_rgb,
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] → [-1, 1]
+    ])
 
 
-def denoising_error(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor,
-                    schedule: NoiseSchedule | None = None) -> torch.Tensor:
+@dataclass
+class StableDiffusion:
+    """The parts of SD 1.x or 2.x-base that score a caption–image pair (the frozen ones; no sampler
+    needed). weights/networks.py's load_stable_diffusion reads them from a diffusers folder."""
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Tokenizer
+
+    @property
+    def resolution(self) -> int:
+        """The image side the model was trained at: latent side × the VAE's factor (64 × 8 = 512
+        for SD 1.x)."""
+        return self.unet.config.sample_size * self.vae.downsampling_factor
+
+
+def denoising_error(unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    context: torch.Tensor, schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """Per-sample denoising error, shape (B,): mean over (C, H, W) of (ε_θ(z_t, t, c) − ε)².
 
     The one quantity behind both the SDS loss and the diffusion score on Winoground. Gradients
@@ -122,7 +125,8 @@ class Mapper(nn.Module):
 
 
 @torch.no_grad()
-def fit_mapper(mapper: Mapper, image_embeds: torch.Tensor, latents: torch.Tensor, ridge: float = 1e-3) -> None:
+def fit_mapper(mapper: Mapper, image_embeds: torch.Tensor, latents: torch.Tensor,
+               ridge: float = 1e-3) -> None:
     """h_w fitted by ridge least squares (in float64) from CLIP image embeddings F (N, D) to the
     images' own latents Z (N, C, H, W), SD's z_0 (the VAE's posterior mean × scaling_factor):
 
@@ -136,7 +140,8 @@ def fit_mapper(mapper: Mapper, image_embeds: torch.Tensor, latents: torch.Tensor
     f, z = f - f_mean, z - z_mean  # F̃, Z̃
     gram = f.t() @ f  # F̃ᵀF̃, (D, D)
     alpha = ridge * gram.diagonal().mean()  # α = ridge · tr(F̃ᵀF̃) / D
-    weight = torch.linalg.solve(gram + alpha * torch.eye(len(gram), dtype=gram.dtype), f.t() @ z)  # (D, C·H·W)
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    weight = torch.linalg.solve(gram + alpha * eye, f.t() @ z)  # (D, C·H·W)
     mapper.proj.weight.copy_(weight.t())
     mapper.proj.bias.copy_(z_mean - f_mean @ weight)  # b = z̄ − W f̄
 
@@ -149,9 +154,9 @@ def r_squared(mapper: Mapper, image_embeds: torch.Tensor, latents: torch.Tensor)
     return 1 - (error / (z - z.mean(0)).pow(2).sum()).item()
 
 
-def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.Tensor, context: torch.Tensor,
-             t: torch.Tensor | None = None, noise: torch.Tensor | None = None, mode: str = "full",
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.Tensor,
+             context: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             mode: str = "full", generator: torch.Generator | None = None) -> torch.Tensor:
     """The SDS regulariser on CLIP image embeddings f_φ(x) (B, D); returns a scalar.
 
     z_0 = h_w(f_φ(x)),  z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε,  ε ~ N(0, I),  t ~ U{0, …, 999}
@@ -181,7 +186,8 @@ def sds_loss(unet, schedule: NoiseSchedule, mapper: Mapper, image_embeds: torch.
     noise = noise.to(z0.device, torch.float32)
 
     if mode == "full":
-        return denoising_error(unet, z0, t, noise, context, schedule).mean()  # E ‖ε_θ(z_t, t, c) − ε‖²
+        # E ‖ε_θ(z_t, t, c) − ε‖²
+        return denoising_error(unet, z0, t, noise, context, schedule).mean()
     if mode == "stopgrad":
         # In float32: z_t − target must not round.
         z_t = schedule.add_noise(z0.float(), noise, t)  # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
@@ -214,12 +220,15 @@ if __name__ == "__main__":
     # Demo with a stand-in UNet (ε̂ = 0.9 z_t): the losses need no weights; train.py loads real ones.
     torch.manual_seed(0)
     schedule = NoiseSchedule()
-    print(f"SD 1.x schedule: ᾱ_0 = {schedule.alphas_cumprod[0]:.5f}, ᾱ_999 = {schedule.alphas_cumprod[-1]:.5f}")
+    print(f"SD 1.x schedule: ᾱ_0 = {schedule.alphas_cumprod[0]:.5f}, "
+          f"ᾱ_999 = {schedule.alphas_cumprod[-1]:.5f}")
     mapper = Mapper(512, (4, 8, 8))
     embeds = torch.randn(2, 512)
     toy_unet = lambda z_t, t, c: 0.9 * z_t  # noqa: E731
-    for mode in ("full", "stopgrad"):  # the same t and ε for both: the values agree, the gradients differ
-        loss = sds_loss(toy_unet, schedule, mapper, embeds, None, mode=mode, generator=torch.Generator().manual_seed(0))
+    # the same t and ε for both modes: the values agree, the gradients differ
+    for mode in ("full", "stopgrad"):
+        loss = sds_loss(toy_unet, schedule, mapper, embeds, None, mode=mode,
+                        generator=torch.Generator().manual_seed(0))
         loss.backward()
         print(f"sds_loss(mode={mode!r}) with a toy UNet: {loss.item():.4f}, "
               f"‖∂L/∂w‖ = {mapper.proj.weight.grad.norm():.4f}")

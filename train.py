@@ -8,14 +8,15 @@ trains more of CLIP; --mapper fitted fits h_w to SD's latents first and freezes 
     L = L_CLIP(f_φ(x), g_φ(y)) + λ · L_SDS(ε_θ, h_w(f_φ(x)), c = SD-text-encoder(y))
 
 Read top to bottom: the objective (`SDSCLIPLoss`), the loop (`train`), setup and finish, the
-data, then the machinery a reader can skip: checkpoints and resume, the log, several processes.
+arguments, several processes. What it reads and writes is in weights/: runs.py (checkpoints and
+resume, the log, the export), coco.py (the data), networks.py (the models).
 
 Loads the CLIP to fine-tune (`--clip`), Stable Diffusion 1.x's unet/, text_encoder/ and
 tokenizer/ (`--sd`) and COCO (`--coco_root`); `python weights/download.py` and
 `python weights/download.py --coco weights/coco` fetch them. Writes checkpoints, a JSONL log
 and finally the fine-tuned CLIP in Hugging Face layout (+ mapper.safetensors) to `--out`.
 
-    python train.py --toy                 # the toy world (weights/toyworld.py) on a CPU: start here
+    python train.py --toy                 # the toy world (weights/toyworld/) on a CPU: start here
     python train.py                       # one GPU (or the CPU)
     torchrun --nproc_per_node=8 train.py  # several GPUs: the same run, split
     python train.py --resume              # continue from --out/checkpoint.safetensors
@@ -34,14 +35,10 @@ captions or any other setting that defines the run.
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
-import shutil
-import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,41 +47,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from clip import OPEN_CLIP_WEIGHTS, Tokenizer, hub_path, image_transform, load_clip, open_image
-from clip import save_clip
-from eval_winoground import PRECISIONS, Winoground, autocast, can_write, clip_scores, format_table
-from eval_winoground import leaves_folder, score_examples, sd_image_transform, summarize
-from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, encode_prompt, fit_mapper, r_squared
-from sds import sds_loss
-from unet import load_unet
-from vae import load_vae
-from weights.toyworld import TRAIN_DEFAULTS, build
+from clip import Tokenizer
+from eval_winoground import PRECISIONS, autocast, clip_scores, format_table, score_examples
+from eval_winoground import summarize
+from sds import Mapper, NoiseSchedule, contrastive_loss, encode_prompt, fit_mapper, r_squared
+from sds import sd_image_transform, sds_loss
+from weights.coco import CocoCaptions, batches, check_images, image_chunks
+from weights.networks import load_vae
+from weights.runs import CHECKPOINT_FILE, LOG_FILE, append_log, can_write, check_resume, export
+from weights.runs import default_precision, fingerprint, gradient_summary, log_step, nonfinite
+from weights.runs import read_checkpoint, read_sources, restore, save_checkpoint, start_log
+from weights.runs import trained_state
+from weights.winoground import Winoground
 
-CAPTIONS_FILE = "annotations/captions_train2017.json"
-IMAGES_DIR = "train2017"
-CHECKPOINT_FILE = "checkpoint.safetensors"
-LOG_FILE = "log.jsonl"
 TOY_OUT = "out/toy-sds-clip"
-# Small files that make the exported folder a complete Hugging Face CLIP checkpoint.
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "preprocessor_config.json")
-# A model folder's weights: the first of these it holds, in the order load_clip and load_unet try.
-WEIGHTS_FILES = ("model.safetensors", "model.fp16.safetensors",
-                 "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 *OPEN_CLIP_WEIGHTS)
-# Settings a resume may change: where things are (`fingerprint` checks their content instead), how
-# often to save, log and evaluate; and, logged, how the update is scheduled and clipped (the cure
-# for a diverging run). Every other setting defines the run and must match the checkpoint's.
-RESUMABLE_CHANGES = {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every",
-                     "log_every", "device", "num_workers", "skip_bad_images",
-                     "gradient_checkpointing", "winoground", "toy"}
-LOGGED_CHANGES = {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
 ADAM_BETAS = (0.9, 0.999)  # torch's defaults
 MAX_LR = torch.finfo(torch.float32).max * (1 - ADAM_BETAS[0])  # AdamW's first step, lr / (1 − β₁)
 
@@ -261,10 +241,7 @@ def train(run: Run) -> None:
                                    device=args.device)
         # clip: the gradient norm to --grad_clip (0: measured only)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf).item()
-        totals = all_sum(totals)  # over the processes
-        losses = (totals[:3] / (run.world * args.grad_accum)).tolist()  # means of L, L_CLIP, L_SDS
-        # ‖∂L_CLIP/∂f‖, ‖∂(λ·L_SDS)/∂f‖ on the step's batch: what each term sends to f_φ(x)
-        embed_grads = (all_sum(objective.embed_grad_sq).sqrt() / run.world).tolist()
+        losses, embed_grads, images = step_means(run, totals, objective.embed_grad_sq)
         stop_unless_finite(run, step, losses, grad_norm)
         # save: these weights have just given a finite loss and gradient; every --save_every steps
         if step > 0 and args.save_every and step % args.save_every == 0 and step != run.saved_step:
@@ -275,11 +252,19 @@ def train(run: Run) -> None:
         stop_unless_finite(run, step)  # the weights and moments the update left
         run.step = step = step + 1
         # log: the progress bar and log.jsonl; Winoground after each epoch and at the end
-        log_step(run, progress, losses, lr, grad_norm, embed_grads, totals[3],
+        log_step(run, progress, losses, lr, grad_norm, embed_grads, images,
                  time.perf_counter() - start)
         if step % run.steps_per_epoch == 0 or step == run.last_step:
             score_winoground(run)
     progress.close()
+
+
+def step_means(run: Run, totals: torch.Tensor, embed_grad_sq: torch.Tensor) -> tuple:
+    """Over the processes: the means of L, L_CLIP, L_SDS; ‖∂L_CLIP/∂f‖, ‖∂(λ·L_SDS)/∂f‖ on the
+    step's batch (what each term sends to f_φ(x)); the number of images."""
+    totals = all_sum(totals)
+    losses = (totals[:3] / (run.world * run.args.grad_accum)).tolist()
+    return losses, (all_sum(embed_grad_sq).sqrt() / run.world).tolist(), totals[3]
 
 
 def get_batch(run: Run, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -360,8 +345,9 @@ def score_winoground(run: Run) -> None:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    if args.toy:  # weights/toyworld.py draws the toy world on first use: its files, unless given
-        toy = build()
+    if args.toy:  # weights/toyworld/ draws the toy world on first use: its files, unless given
+        from weights import toyworld  # the toy world only under --toy
+        toy = toyworld.build()
         paths = {"clip": "clip", "sd": "sd", "coco_root": "train", "winoground": "test"}
         for name, key in paths.items():
             if getattr(args, name) is None:
@@ -379,24 +365,10 @@ def setup(args: argparse.Namespace) -> Run:
     path, device = Path(args.out) / CHECKPOINT_FILE, torch.device(args.device)
     meta, tensors = read_checkpoint(path, args.resume)  # without --resume: None, {}
 
-    # models: the CLIP to fine-tune (float32: its LayerNorms are trained), SD's frozen UNet and
-    # text encoder (bf16: half the memory, and autocast need not cast them each step); the data
-    sd_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    try:
-        winoground = Winoground(args.winoground) if args.winoground else None
-        clip_path, sd = find_weights(args)
-        clip, tokenizer = load_clip(clip_path, device), Tokenizer.from_pretrained(clip_path)
-        unet = load_unet(sd / "unet", device, sd_dtype).requires_grad_(False)
-        sd_text_encoder = load_clip(sd / "text_encoder", device, sd_dtype).requires_grad_(False)
-        sd_tokenizer = Tokenizer.from_pretrained(sd / "tokenizer")
-        size = clip.config.vision.image_size
-        dataset = CocoCaptions(args.coco_root, image_transform(size), args.limit_images, args.seed,
-                               size)
-        if winoground and meta and rank == 0:  # a resume scores Winoground first at an epoch's end
-            for example in tqdm(winoground.examples, desc="winoground images"):
-                winoground.images(example, size)
-    except (FileNotFoundError, ValueError, ImportError) as err:  # ImportError: parquet, no pyarrow
-        raise SystemExit(f"train.py: {err}") from None
+    # models: the CLIP to fine-tune, SD's frozen UNet and text encoder, their tokenizers; the data
+    (clip_path, sd), (clip, tokenizer), sd_parts, (dataset, winoground) = read_sources(
+        args, read_winoground_images=bool(meta) and rank == 0)
+    unet, sd_text_encoder, sd_tokenizer = sd_parts
     unet.gradient_checkpointing = args.gradient_checkpointing
     sources = fingerprint(clip_path, sd, Path(args.coco_root), vae=args.mapper == "fitted")
     changes = check_resume(path, meta, args, sources) if meta else {}
@@ -425,23 +397,6 @@ def setup(args: argparse.Namespace) -> Run:
         start_log(Path(args.out), run.step, changes, args.resume)
         report(run)
     return run
-
-
-def find_weights(args: argparse.Namespace) -> tuple[Path, Path]:
-    """--clip and --sd as folders (a hub id: its snapshot in the local HF cache), or one line
-    that says what is missing."""
-    missing = [Path(p) for p in (args.clip, args.sd)
-               if Path(p).parent == Path("weights") and not Path(p).exists()]
-    if missing:  # download.py's folders (the defaults), not hub ids
-        raise FileNotFoundError(f"{' and '.join(map(str, missing))} not found — run "
-                                f"`python weights/download.py {' '.join(p.name for p in missing)}`")
-    clip, sd = hub_path(args.clip), hub_path(args.sd)
-    parts = ("unet", "text_encoder", "tokenizer") + (("vae",) if args.mapper == "fitted" else ())
-    for folder in (clip, *(sd / part for part in parts)):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} not found — run `python weights/download.py`")
-    check_scheduler(sd)  # an ε-prediction model with SD's noise schedule
-    return clip, sd
 
 
 def report(run: Run) -> None:
@@ -486,18 +441,6 @@ def finish(run: Run) -> None:
             print(winoground_table(Path(run.args.out) / LOG_FILE))
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def gradient_summary(log_file: Path) -> str:
-    """What each loss term sent to CLIP's image embedding, averaged over the logged steps."""
-    records = [r for r in map(json.loads, log_file.read_text().splitlines()) if "sds_grad_norm" in r]
-    if not records:
-        return "gradient on f_φ(x): no steps logged"
-    clip_norm = sum(r["clip_grad_norm"] for r in records) / len(records)
-    sds_norm = sum(r["sds_grad_norm"] for r in records) / len(records)
-    ratio = f"{sds_norm / clip_norm:.3g}" if clip_norm > 0 else "n/a (no gradient reaches f_φ(x))"
-    return (f"gradient on f_φ(x), mean over {len(records)} logged steps: L_CLIP {clip_norm:.3g}, "
-            f"λ·L_SDS {sds_norm:.3g}; ratio λ·L_SDS / L_CLIP {ratio}")
 
 
 def winoground_table(log_file: Path) -> str:
@@ -551,25 +494,27 @@ def get_args(argv=None) -> argparse.Namespace:
         "and AdamW in float32; fp32: float32 throughout (default: bf16 on CUDA, fp32 otherwise)")
     add("--winoground", help="Winoground folder (examples.jsonl + images/): CLIP's scores before "
         "training, after every epoch and at the end, in log.jsonl")
-    add("--toy", action="store_true", help="the toy world of weights/toyworld.py (built on first "
+    add("--toy", action="store_true", help="the toy world of weights/toyworld/ (built on first "
         f"use): its models, data, test split and settings are the defaults, --out {TOY_OUT}")
     args = p.parse_args(argv)
-    if args.toy:  # the toy world's settings; its files (None here) once `main` has built it
-        if "RANK" in os.environ:
-            p.error("--toy builds its world in one process: start it with `python train.py --toy`, "
-                    "not torchrun")
-        if unknown := sorted(set(TRAIN_DEFAULTS) - set(vars(args))):
-            p.error(f"weights/toyworld.py's TRAIN_DEFAULTS name settings train.py does not have: "
-                    f"{unknown}")
-        p.set_defaults(clip=None, sd=None, coco_root=None, winoground=None, out=TOY_OUT, **TRAIN_DEFAULTS)
-        args = p.parse_args(argv)  # what the command line says still wins
+    args = toy_settings(p, args, argv) if args.toy else args
     args.precision = args.precision or default_precision(args.device)  # a checkpoint records it
     check_settings(p, args)
     return args
 
 
-def default_precision(device: str) -> str:
-    return "bf16" if str(device).startswith("cuda") else "fp32"
+def toy_settings(p: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
+    """--toy: the toy world's settings as the defaults; its files (None here) once `main` has
+    built it."""
+    from weights.toyworld import TRAIN_DEFAULTS  # the toy world only under --toy
+    if "RANK" in os.environ:
+        p.error("--toy builds its world in one process: start it with `python train.py --toy`, "
+                "not torchrun")
+    if unknown := sorted(set(TRAIN_DEFAULTS) - set(vars(args))):
+        p.error(f"weights/toyworld/recipe.py's TRAIN_DEFAULTS name settings train.py does not have: "
+                f"{unknown}")
+    p.set_defaults(clip=None, sd=None, coco_root=None, winoground=None, out=TOY_OUT, **TRAIN_DEFAULTS)
+    return p.parse_args(argv)  # what the command line says still wins
 
 
 def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -599,93 +544,6 @@ def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 # ----------------------------------------------------------------------------- data
 
 
-class CocoCaptions(Dataset):
-    """MS-COCO 2017 train: item i is image i (images sorted by id) as CLIP pixels; its captions
-    are kept here, and `caption(i, epoch)` draws one of them per image and epoch. Entries of the
-    captions file that cannot be used (a caption that is not text, an image without captions or
-    with a non-integer id, a repeated image) are left out and counted: summary() reports them."""
-
-    def __init__(self, root: str | Path, transform, limit_images: int = 0, seed: int = 0,
-                 image_size: int | None = None):
-        root, self.transform, self.seed, self.image_size = Path(root), transform, seed, image_size
-        self.file = file = root / CAPTIONS_FILE
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} not found — run `python weights/download.py --coco "
-                                    f"{root}`")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-            images, captions, self.skipped = self._index(data)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{file} is not a COCO captions file ({type(err).__name__}: {err}) — "
-                             f"run `python weights/download.py --coco {root}` again") from None
-        images = images[:limit_images] if limit_images else images
-        if not images:
-            raise ValueError(f"{file} lists no captioned images")
-        self.files = [root / IMAGES_DIR / name for _, name in images]
-        self.captions = [captions[image_id] for image_id, _ in images]
-
-    @staticmethod
-    def _index(data: dict) -> tuple[list[tuple[int, str]], dict[int, list], dict[str, list]]:
-        """The usable images as (id, file name) sorted by id, the captions of each id, and what was
-        left out: {reason: [the entries, shortly]}."""
-        skipped, captions = defaultdict(list), defaultdict(list)
-        for ann in data["annotations"]:
-            if isinstance(ann["caption"], str):
-                captions[ann["image_id"]].append(ann["caption"].strip())
-            else:
-                skipped["annotations whose caption is not text"].append(
-                    f"id {ann.get('id')}: {ann['caption']!r}")
-        images, seen = [], set()
-        for image in data["images"]:
-            image_id, name = image["id"], image["file_name"]
-            if not isinstance(image_id, int) or isinstance(image_id, bool):
-                skipped["images whose id is not an integer"].append(repr(image_id))
-                continue
-            if image_id in seen:
-                skipped["repeated image entries (the first is kept)"].append(str(image_id))
-                continue
-            seen.add(image_id)
-            if not isinstance(name, str):
-                skipped["images whose file_name is not text"].append(f"id {image_id}: {name!r}")
-            elif leaves_folder(name):  # never read from outside train2017/
-                skipped["images whose file_name is absolute or goes up with '..'"].append(
-                    f"id {image_id}: {name!r}")
-            elif image_id not in captions:
-                skipped["images without captions"].append(str(image_id))
-            else:
-                images.append((image_id, name))
-        for key in [key for key in captions if key not in seen]:  # an image_id written as text, say
-            skipped["captions of no listed image"] += [f"image_id {key!r}"] * len(captions[key])
-        return sorted(images), captions, dict(skipped)
-
-    def summary(self) -> str:
-        """What was read from the captions file; a line per kind of entry left out, and examples."""
-        n_captions = sum(map(len, self.captions))
-        lines = [f"{self.file}: {len(self):,} images with {n_captions:,} captions"]
-        for reason, entries in self.skipped.items():
-            shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
-            lines.append(f"  left out {len(entries):,} {reason} ({shown})")
-        return "\n".join(lines)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        """(pixels, index, None), or (None, index, why) for a missing, unreadable or huge image."""
-        file = self.files[index]
-        try:
-            return self.transform(open_image(file, size=self.image_size)), index, None
-        except FileNotFoundError:
-            return None, index, f"{file} not found"
-        except ValueError as err:  # open_image's one sentence, naming the file
-            return None, index, str(err)
-
-    def caption(self, index: int, epoch: int) -> str:
-        """One of image `index`'s captions, drawn afresh each epoch from (seed, epoch, index)."""
-        captions = self.captions[index]
-        return captions[np.random.default_rng((self.seed, epoch, index)).integers(len(captions))]
-
-
 def fit_mapper_to_latents(args, clip: nn.Module, mapper: Mapper, dataset: CocoCaptions, sd: Path,
                           verbose: bool) -> None:
     """--mapper fitted: h_w by ridge least squares (sds.fit_mapper) from the CLIP's image embeddings
@@ -704,13 +562,7 @@ def fit_mapper_to_latents(args, clip: nn.Module, mapper: Mapper, dataset: CocoCa
                          f"{args.coco_root} has {len(dataset)}")
     embeds, latents = [], []
     with torch.no_grad(), autocast(device, args.precision):
-        for chunk in tqdm(np.array_split(index, math.ceil(len(index) / 32)), desc="fitting h_w",
-                          disable=not verbose):
-            try:
-                images = [open_image(dataset.files[i], size=max(size, dataset.image_size or 0))
-                          for i in chunk]
-            except (FileNotFoundError, ValueError) as err:
-                raise SystemExit(f"train.py: --mapper fitted reads its images first: {err}") from None
+        for images in image_chunks(dataset, index, size, verbose):
             pixels = torch.stack([dataset.transform(image) for image in images]).to(device)
             embeds.append(clip.encode_image(pixels).float())  # f_φ(x), (n, D)
             sd_pixels = torch.stack([to_sd(image) for image in images]).to(device)
@@ -725,283 +577,6 @@ def fit_mapper_to_latents(args, clip: nn.Module, mapper: Mapper, dataset: CocoCa
               f"images: R² {r_squared(mapper, embeds[~held_out], latents[~held_out]):.3f} on them, "
               f"{r_squared(mapper, embeds[held_out], latents[held_out]):.3f} on "
               f"{int(held_out.sum()):,} held out; then frozen")
-
-
-def collate(samples):
-    good = [s for s in samples if s[0] is not None]
-    pixels = torch.stack([s[0] for s in good]) if good else None  # (B, 3, S, S)
-    return pixels, [s[1] for s in good], [s[2] for s in samples if s[0] is None]
-
-
-def batches(dataset, sampler, local_batch: int, batches_per_epoch: int, start: int,
-            num_workers: int):
-    """Yield (epoch, batch) forever, beginning with global batch number `start`.
-
-    The order of an epoch is DistributedSampler's permutation of (seed, epoch); process r of W
-    takes positions r, r+W, … of it, so that the W local batches of one step hold the same
-    images as one process's batch. Resuming only needs the batch number."""
-    epoch, skip = divmod(start, batches_per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip * local_batch: batches_per_epoch * local_batch]
-        for batch in DataLoader(dataset, local_batch, sampler=order, collate_fn=collate,
-                                num_workers=num_workers):
-            yield epoch, batch
-        epoch, skip = epoch + 1, 0
-
-
-def check_images(pixels, errors: list[str], skip_bad_images: bool, device) -> list[str]:
-    """A batch's missing or unreadable images: stop at them on every process, unless
-    --skip_bad_images (or no image of the batch is readable); returns them, to count."""
-    stop = (bool(errors) and not skip_bad_images) or pixels is None
-    if dist.is_initialized():  # stop if any process stops
-        stop = all_sum(torch.tensor([float(stop)], device=device)).item() > 0
-    if stop:
-        for error in errors:
-            print(f"train.py: {error}", file=sys.stderr)
-        if pixels is None and not errors:
-            print("train.py: a batch has no readable image", file=sys.stderr)
-        raise SystemExit("train.py: stopped at a missing or unreadable image"
-                         + ("" if skip_bad_images else " (--skip_bad_images skips them)"))
-    return errors
-
-
-# ------------------------------------------------------------------------ checkpoints and resume
-
-
-def trained_state(objective: SDSCLIPLoss, optimizer) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: the trained parameters, "param.<name>", a fitted and frozen h_w,
-    "fitted.<name>", and AdamW's state per parameter, "adamw.<name>.step", ".exp_avg" (m) and
-    ".exp_avg_sq" (v)."""
-    names = {p: name for name, p in objective.named_parameters()}
-    state = {f"param.{name}": p.detach() for name, p in objective.named_parameters()
-             if p.requires_grad}
-    state |= {f"fitted.{name}": p.detach() for name, p in fitted_mapper(objective).items()}
-    for p, moments in optimizer.state.items():
-        state.update({f"adamw.{names[p]}.{key}": value.detach() for key, value in moments.items()})
-    return state
-
-
-def fitted_mapper(objective: SDSCLIPLoss) -> dict[str, nn.Parameter]:
-    """h_w's parameters when it was fitted and frozen (--mapper fitted), else none."""
-    return {name: p for name, p in objective.named_parameters(remove_duplicate=False)
-            if name.startswith("mapper.") and not p.requires_grad}
-
-
-def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
-    """The keys of `state` whose tensor holds a NaN or an infinity (one device sync for all)."""
-    keys = [key for key in state if not key.endswith(".step")]  # AdamW's step counts: on the CPU
-    finite = torch.stack([torch.isfinite(state[k]).all() for k in keys]).tolist() if keys else []
-    return [key for key, ok in zip(keys, finite) if not ok]
-
-
-def save_checkpoint(run: Run) -> None:
-    """The current weights and AdamW state as the last good ones (the master process writes them),
-    with what a resume checks: the step, the settings and the sources ("identity")."""
-    if run.rank == 0:
-        meta = {"step": run.step, "batches_per_epoch": run.steps_per_epoch * run.args.grad_accum,
-                "settings": vars(run.args), "identity": run.sources}
-        state = trained_state(run.objective, run.optimizer)
-        write_checkpoint(Path(run.args.out) / CHECKPOINT_FILE, state, meta)
-    run.saved_step = run.step
-
-
-def write_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
-    """One safetensors file of finite tensors, with `meta` as JSON metadata; written atomically."""
-    if bad := nonfinite(state):
-        raise ValueError(f"{path}: a checkpoint holds finite tensors only; these are not: "
-                         f"{', '.join(bad[:3])}")
-    tensors = {key: value.cpu().contiguous() for key, value in state.items()}
-    write_atomically(path, save(tensors, metadata={"sds_clip": json.dumps(meta)}))
-
-
-def read_checkpoint(path: Path, resume: bool) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """With --resume, the checkpoint's metadata and tensors, or one line saying that it cannot be
-    resumed; without, None and {}, and there must be no checkpoint to overwrite."""
-    if path.exists() and not resume:
-        raise SystemExit(f"train.py: {path} exists — pass --resume to continue it, or choose "
-                         f"another --out")
-    if not resume:
-        return None, {}
-    if not path.is_file():
-        raise SystemExit(f"train.py: --resume: {path} not found")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {})["sds_clip"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        # A KeyError or TypeError says the metadata is not ours, or was edited by hand.
-        kinds = {"step": int, "batches_per_epoch": int, "settings": dict, "identity": dict}
-        wrong = [key for key, kind in kinds.items()
-                 if not isinstance(meta[key], kind) or isinstance(meta[key], bool)]
-        if wrong or not all(isinstance(entry, dict) for entry in meta["identity"].values()):
-            raise TypeError(f"metadata {wrong or ['identity']} of the wrong type")
-        if bad := nonfinite(tensors):  # train.py saves finite tensors only
-            raise ValueError(f"NaN or infinite values in {', '.join(bad[:3])}")
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"train.py: {path} is not a checkpoint this train.py can resume "
-                         f"({type(err).__name__}: {err}): it may be damaged, or written by another "
-                         f"program or an older train.py; move it away to start afresh there, or "
-                         f"pass another --out") from None
-    return meta, tensors
-
-
-def fingerprint(clip: Path, sd: Path, coco_root: Path, vae: bool = False) -> dict:
-    """What a run trains from, by content: the sha256 of the CLIP's, the UNet's and SD's text
-    encoder's weights files (and the VAE's, which fits h_w with --mapper fitted) and of the captions
-    file (as the Hugging Face hub's LFS ids; ≈ 0.7 GB/s on one core: some 7 s for ViT-B/32 + SD 1.x,
-    4.6 GB, at each start)."""
-    folders = {"clip": clip, "unet": sd / "unet", "text_encoder": sd / "text_encoder"}
-    folders |= {"vae": sd / "vae"} if vae else {}
-    files = {key: next(folder / name for name in WEIGHTS_FILES if (folder / name).is_file())
-             for key, folder in folders.items()} | {"captions": coco_root / CAPTIONS_FILE}
-    sources = {}
-    for key, file in files.items():
-        with open(file, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        sources[key] = {"file": str(file), "sha256": digest}
-    return sources
-
-
-def check_resume(path: Path, meta: dict, args: argparse.Namespace, sources: dict) -> dict:
-    """Refuse, in one line, a resume that would not continue the checkpoint's run: other weights,
-    other captions, other settings. Returns the LOGGED_CHANGES it makes, {name: [old, new]}."""
-    for key, now in sources.items():
-        then = meta["identity"].get(key, {})
-        if then.get("sha256") != now["sha256"]:
-            raise SystemExit(f"train.py: {path} was trained from {then.get('file')} (sha256 "
-                             f"{str(then.get('sha256'))[:12]}…), not from {now['file']} (sha256 "
-                             f"{now['sha256'][:12]}…): resume with the same {key} file, or start "
-                             f"afresh with another --out")
-    # --precision defines a run (it changes every loss and gradient) and is never forced by the
-    # device: both run anywhere. A checkpoint from before --precision ran in its device's default.
-    settings = meta["settings"]
-    defaults = {"trainable": "layernorm", "mapper": "joint", "mapper_images": 3000}  # older ones
-    saved = {"precision": default_precision(settings.get("device", "cpu"))} | defaults | settings
-    changed = {name: [saved.get(name), value] for name, value in vars(args).items()
-               if name not in RESUMABLE_CHANGES and saved.get(name) != value}
-    fixed = [f"--{name} {old!r} → {new!r}" for name, (old, new) in changed.items()
-             if name not in LOGGED_CHANGES]
-    if fixed:
-        raise SystemExit(f"train.py: {path} was written with other settings ({'; '.join(fixed)}); "
-                         f"resume with the same ones or start afresh with another --out")
-    return changed
-
-
-def restore(path: Path, meta: dict, tensors: dict, objective: SDSCLIPLoss, optimizer,
-            batches_per_epoch: int) -> int:
-    """Put a checkpoint's trained parameters and AdamW state in place, once they fit this run;
-    returns its step."""
-    if meta["batches_per_epoch"] != batches_per_epoch:
-        raise SystemExit(f"train.py: {path} was written with {meta['batches_per_epoch']} batches "
-                         f"per epoch, this dataset makes {batches_per_epoch}: the data order "
-                         f"cannot be resumed")
-    params = {name: p for name, p in objective.named_parameters() if p.requires_grad}
-    saved = {key[len("param."):] for key in tensors if key.startswith("param.")}
-    if saved != set(params):
-        missing, unexpected = sorted(set(params) - saved)[:10], sorted(saved - set(params))[:10]
-        raise SystemExit(f"train.py: {path} holds other trained parameters than this run "
-                         f"(missing {missing}, unexpected {unexpected})")
-    wrong = [f"{name} {tuple(tensors[f'param.{name}'].shape)} ≠ {tuple(p.shape)}"
-             for name, p in params.items() if tensors[f"param.{name}"].shape != p.shape]
-    if wrong:
-        raise SystemExit(f"train.py: {path} holds parameters of other shapes than this CLIP: "
-                         f"{', '.join(wrong[:3])}")
-    fitted = fitted_mapper(objective)
-    if {f"fitted.{name}" for name in fitted} != {key for key in tensors if key.startswith("fitted.")}:
-        raise SystemExit(f"train.py: {path} holds no fitted h_w of this run's shape (--mapper "
-                         f"fitted writes one); resume with the checkpoint's --mapper")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
-        for name, p in fitted.items():
-            if tensors[f"fitted.{name}"].shape != p.shape:
-                raise SystemExit(f"train.py: {path} holds a fitted h_w of shape "
-                                 f"{tuple(tensors[f'fitted.{name}'].shape)} for {name}, this run's is "
-                                 f"{tuple(p.shape)}")
-            p.copy_(tensors[f"fitted.{name}"])
-    state = optimizer.state_dict()  # its param_groups list parameters by position
-    state["state"], wrong = {}, []
-    for i, (name, p) in enumerate(params.items()):
-        moments = {key: tensors.get(f"adamw.{name}.{key}") for key in ("step", "exp_avg",
-                                                                        "exp_avg_sq")}
-        if any(value is not None for value in moments.values()):  # none: not updated yet
-            shapes = {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
-            wrong += [f"adamw.{name}.{key}" for key, value in moments.items()
-                      if value is None or value.shape != shapes[key]]
-            state["state"][i] = moments
-    if wrong:
-        raise SystemExit(f"train.py: {path} holds AdamW moments that are missing or of the "
-                         f"wrong shape: {', '.join(wrong[:3])}; move it away to start afresh there, "
-                         f"or pass another --out")
-    optimizer.load_state_dict(state)
-    return meta["step"]
-
-
-# ------------------------------------------------------------------------ the log and the export
-
-
-def start_log(out: Path, step: int, changes: dict, resume: bool) -> None:
-    """log.jsonl: empty for a new run; on resume, its lines up to the checkpoint's step, rewritten
-    atomically, then one line with the settings this resume changes, if any."""
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / LOG_FILE
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines() if resume and file.exists() else []
-    except UnicodeDecodeError as err:
-        raise SystemExit(f"train.py: {file} is not UTF-8 text (byte {err.start}: {err.reason}); "
-                         f"fix that line, or move the file away to resume with a new log") from None
-
-    def position(line: str) -> float:  # a resume's "changed" line comes just after its step (a new
-        try:  # resume from that step writes its own); a line a killed run left half-written, never
-            record = json.loads(line)
-            return record["step"] + (0.5 if "changed" in record else 0)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return math.inf
-
-    kept = [line for line in lines if position(line) <= step]
-    kept += [json.dumps({"step": step, "changed": changes})] if changes else []
-    write_atomically(file, "".join(line + "\n" for line in kept).encode())
-
-
-def log_step(run: Run, progress, losses: list, lr: float, grad_norm: float, embed_grads: list,
-             images, seconds: float):
-    """The progress bar; a log.jsonl line every --log_every steps and at the end (master only)."""
-    if run.rank == 0:
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[0]:.4f}", sds=f"{losses[2]:.4f}")
-        if (run.args.log_every and run.step % run.args.log_every == 0) or run.step == run.last_step:
-            append_log(run, {"step": run.step, "loss": losses[0], "clip_loss": losses[1],
-                             "sds_loss": losses[2], "lr": lr, "grad_norm": grad_norm,
-                             "clip_grad_norm": embed_grads[0], "sds_grad_norm": embed_grads[1],
-                             "images_per_s": images.item() / seconds})
-
-
-def append_log(run: Run, record: dict) -> None:
-    with open(Path(run.args.out) / LOG_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """A reader, or a crash, sees the old file or the new one, never part of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def export(model: SDSCLIPLoss, args) -> None:
-    """The fine-tuned CLIP as a Hugging Face folder (transformers' CLIPModel.from_pretrained and
-    our load_clip read it), with the source's tokenizer files, and h_w in mapper.safetensors."""
-    out, source = Path(args.out), hub_path(args.clip)
-    save_clip(model.clip, out)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
-    mapper = {k: v.detach().cpu().contiguous() for k, v in model.mapper.state_dict().items()}
-    metadata = {"latent_shape": json.dumps(model.mapper.latent_shape)}
-    save_file(mapper, out / "mapper.safetensors", metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- several processes

@@ -8,25 +8,21 @@ block, and spatial transformers (self-attention over positions, cross-attention 
 at every resolution but the coarsest, in a U of down, mid and up blocks joined by skips.
 
 Module names equal the keys of the official diffusers-format weights
-(CompVis/stable-diffusion-v1-4 `unet/diffusion_pytorch_model.safetensors` + `config.json`),
-so they load with `load_state_dict(strict=True)` and no renames. SD 2.x configs (linear
-proj_in/proj_out, per-block head counts) load too. Checked number for number against
-diffusers' UNet2DConditionModel (tests/test_unet.py).
+(CompVis/stable-diffusion-v1-4 `unet/diffusion_pytorch_model.safetensors` + `config.json`, read
+by weights/networks.py's load_unet), so they load with `load_state_dict(strict=True)` and no
+renames. SD 2.x configs (linear proj_in/proj_out, per-block head counts) load too. Checked
+number for number against diffusers' UNet2DConditionModel (tests/test_unet.py).
 """
 
 import argparse
-import json
 import math
 import sys
-import types
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 # The longest wavelength of the sinusoidal timestep embedding, as in the Transformer.
@@ -67,11 +63,6 @@ class UNetConfig:
         the last)."""
         h = self.attention_head_dim
         return tuple(h) if isinstance(h, (list, tuple)) else (h,) * len(self.block_out_channels)
-
-    @classmethod
-    def from_json(cls, file: Path) -> "UNetConfig":
-        """Read and check a diffusers config.json (see _config_from_json, with the loader)."""
-        return _config_from_json(cls, file)
 
 
 # ----------------------------------------------------------------------------- model
@@ -355,224 +346,9 @@ class UNet(nn.Module):
                              f"got {t.numel()}.")
 
 
-# ----------------------------------------------------------------------------- loading and saving
-
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' "fp16" variant
-DOWNLOAD_HINT = "run `python weights/download.py`"
-# config.json fields that select designs other than SD 1.x / 2.x (SDXL, class-conditioned, ...),
-# with the only value this file implements. Fields not listed here and not in UNetConfig do not
-# change the computation at inference (dropout, upcast_attention: SDPA accumulates in fp32 anyway).
-REQUIRED_VALUES = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "center_input_sample": False,
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "num_attention_heads": None,
-    "only_cross_attention": False, "mid_block_only_cross_attention": None,
-    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1.0,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "attention_type": "default", "cross_attention_norm": None,
-}
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-
-def _config_from_json(cls, file: Path) -> UNetConfig:
-    """UNetConfig.from_json: the config.json of a Stable Diffusion 1.x/2.x UNet2DConditionModel, or
-    one ValueError that names the file, the field and what to do."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it "
-                         f"again.") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object; "
-                         f"{DOWNLOAD_HINT} to fetch it again.")
-    other = _other_model(raw)
-    if other:
-        sibling = file.parent.parent / "unet"
-        raise ValueError(f"{file} describes {other}, not a UNet; pass the unet/ folder of a Stable "
-                         f"Diffusion checkpoint{f' ({sibling})' if sibling.is_dir() else ''}.")
-    for field, wanted in REQUIRED_VALUES.items():
-        value = raw.get(field, wanted)
-        # per-block lists must hold the value throughout
-        values = value if isinstance(value, list) else [value]
-        if any(v != wanted for v in values):
-            raise ValueError(f"{file} sets {field} = {value!r}, which unet.py does not implement "
-                             f"(it needs {wanted!r}: the Stable Diffusion 1.x/2.x "
-                             "UNet2DConditionModel; SDXL and class-conditioned UNets are not "
-                             "supported).")
-    values = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
-    for f in fields(cls):
-        if f.name in values and not _matches(values[f.name], f.type):
-            # "int", "tuple[int, ...]"
-            kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
-            raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type "
-                             f"{kind}; fix it or {DOWNLOAD_HINT} to fetch it again.")
-    config = cls(**values)
-    _check_blocks(config, raw, file)
-    for name in ("block_out_channels", "down_block_types", "up_block_types"):
-        setattr(config, name, tuple(getattr(config, name)))
-    return config
-
-
-def _check_blocks(config: UNetConfig, raw: dict, file: Path) -> None:
-    """Refuse block lists this file does not build, and heads that do not divide a block's width."""
-    if not config.block_out_channels:
-        raise ValueError(f"{file} sets block_out_channels = [], which must list at least one "
-                         f"width; fix it or {DOWNLOAD_HINT} to fetch it again.")
-    checks = {
-        "down_block_types": all(b in DOWN_BLOCK_TYPES for b in config.down_block_types),
-        "up_block_types": all(b in UP_BLOCK_TYPES for b in config.up_block_types),
-        "attention_head_dim": len(config.heads) == len(config.block_out_channels),
-    }
-    for field, ok in checks.items():
-        if not ok:
-            raise ValueError(f"{file} sets {field} = {raw[field]!r}, which unet.py does not "
-                             "implement (the Stable Diffusion 1.x/2.x UNet2DConditionModel).")
-    # Each attention splits its block's width into equal heads: check every block that has one
-    # (down i, up i, which uses the heads of down block −1−i, and the mid block, the last's).
-    widths, heads = config.block_out_channels, config.heads
-    used = [i for i, kind in enumerate(config.down_block_types) if kind.startswith("CrossAttn")]
-    used += [len(widths) - 1 - i for i, kind in enumerate(config.up_block_types)
-             if kind.startswith("CrossAttn")]
-    for i in sorted({*used, len(widths) - 1}):
-        if heads[i] < 1 or widths[i] % heads[i]:
-            raise ValueError(f"{file} gives block {i} (width {widths[i]}) {heads[i]} attention "
-                             f"heads (attention_head_dim), which do not divide its width; fix it "
-                             f"or {DOWNLOAD_HINT}.")
-
-
-def _matches(value, kind) -> bool:
-    """isinstance for UNetConfig's annotations: int, float, bool, str, tuple[X, ...] (a JSON list),
-    unions."""
-    if isinstance(kind, types.UnionType):
-        return any(_matches(value, k) for k in typing.get_args(kind))
-    if typing.get_origin(kind) is tuple:
-        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0])
-                                                        for v in value)
-    if kind is float:  # JSON writes 1.0 as 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:  # bool is an int to Python, not to a config
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _other_model(raw: dict) -> str | None:
-    """What a config.json that is not a UNet2DConditionModel's describes, in words (None for a
-    UNet)."""
-    if "model_type" in raw:  # a transformers config: SD's text_encoder/, or a CLIP
-        kinds = {"clip_text_model": "a CLIP text encoder (transformers' CLIPTextModel)",
-                 "clip": "a CLIP model"}
-        return kinds.get(str(raw["model_type"]),
-                         f"a transformers model of type {raw['model_type']!r}")
-    if raw.get("_class_name") == "AutoencoderKL":
-        return "a VAE (AutoencoderKL)"
-    return None  # another diffusers class: REQUIRED_VALUES names it
-
-
-def _first_keys(keys) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:10]) + (f", … ({len(keys)} in all)" if len(keys) > 10 else "")
-
-
-def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when
-    any element is, so one fast reduction per tensor (and one device sync for all) finds the
-    candidates; an exact test then clears those whose sum merely overflowed (a float16 sum past
-    65504, say)."""
-    names = sorted(k for k, v in state_dict.items() if v.is_floating_point() and v.numel())
-    if not names:
-        return []
-    sums = torch.stack([state_dict[k].sum().float() for k in names])
-    candidates = [names[i] for i in (~sums.isfinite()).nonzero().flatten().tolist()]
-    return [k for k in candidates if not state_dict[k].isfinite().all()]
-
-
-def _config_and_weights(path: Path) -> tuple[UNetConfig, Path, str]:
-    """The config, the weights file and, for messages, what the weights must match: a unet/
-    folder's config.json, or for a bare file the SD 1.x design."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion "
-                                f"weights.")
-    if not path.is_dir():  # a bare file: the SD 1.x design, checked against the tensors
-        described = ("the SD 1.x UNet (assumed for a bare file; pass its folder to use its "
-                     "config.json)")
-        return UNetConfig(), path, described
-    if (path / "unet").is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder, "
-                                f"pass {path / 'unet'}.")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
-    config = UNetConfig.from_json(path / "config.json")
-    names = (WEIGHTS_NAME, FP16_WEIGHTS_NAME)
-    file = next((path / name for name in names if (path / name).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {FP16_WEIGHTS_NAME}; "
-                                f"{DOWNLOAD_HINT}.")
-    return config, file, f"the UNet that {path / 'config.json'} describes"
-
-
-def load_unet(path, device="cpu", dtype=torch.float32) -> UNet:
-    """Load a diffusers-format UNet: the unet/ folder (config.json + safetensors) or a bare
-    .safetensors file."""
-    config, file, described = _config_and_weights(Path(path))
-    try:
-        state_dict = load_file(file)
-    except Exception as err:  # safetensors has its own error types for a bad header or a short file
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated "
-                         f"or corrupt, {DOWNLOAD_HINT} to fetch it again.") from None
-
-    with torch.device("meta"):  # shapes only; the real tensors come from the file
-        model = UNet(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
-    if missing or unexpected:
-        hint = ("" if missing != expected.keys()
-                else " (it holds no UNet weights: is it a VAE or CLIP file?)")
-        problems = " and ".join(f"{len(keys)} {kind} keys [{_first_keys(keys)}]"
-                                for kind, keys in [("missing", missing), ("unexpected", unexpected)]
-                                if keys)
-        raise ValueError(f"{file} does not match {described}{hint}: {problems}; "
-                         f"point to a Stable Diffusion unet/ folder or {DOWNLOAD_HINT}.")
-    wrong = [f"{k} {tuple(state_dict[k].shape)} ≠ {shape}" for k, shape in expected.items()
-             if tuple(state_dict[k].shape) != shape]
-    if wrong:
-        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: "
-                         f"[{_first_keys(wrong)}]; check config.json or {DOWNLOAD_HINT}.")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model = model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
-    # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
-    # file, to tell a damaged file from values that overflow `dtype`.
-    bad = _non_finite(model.state_dict())
-    if bad and _non_finite({k: state_dict[k] for k in bad}):
-        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors "
-                         f"[{_first_keys(bad)}]; the file is damaged or was saved from a run that "
-                         f"diverged: {DOWNLOAD_HINT} to fetch it again.")
-    if bad:
-        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors "
-                         f"[{_first_keys(bad)}]; load it in torch.float32 or torch.bfloat16.")
-    return model
-
-
-def save_unet(model: UNet, folder) -> None:
-    """Write config.json + diffusion_pytorch_model.safetensors in diffusers' layout
-    (UNet2DConditionModel and load_unet read it)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "UNet2DConditionModel", **asdict(model.config), "act_fn": "silu",
-              "mid_block_type": "UNetMidBlock2DCrossAttn"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-
-
 if __name__ == "__main__":
+    from weights.networks import load_unet
+
     parser = argparse.ArgumentParser(description="One denoising step of the SD UNet on a random "
                                                  "latent, empty conditioning; prints the "
                                                  "noise-prediction error.")

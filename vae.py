@@ -8,21 +8,19 @@ Stable Diffusion works on `mean × 0.18215`, a scale that gives the latents roug
 Module names equal the keys of the official diffusers-format weights
 (CompVis/stable-diffusion-v1-4 `vae/diffusion_pytorch_model.safetensors` + `config.json`),
 so they load with `load_state_dict(strict=True)`; the only rename is the one for older files
-(see `LEGACY_ATTENTION_NAMES`). Checked number for number against diffusers' AutoencoderKL.
+(weights/networks.py's `LEGACY_ATTENTION_NAMES`, with load_vae and save_vae). Checked number for
+number against diffusers' AutoencoderKL.
 """
 
 import argparse
-import json
 import math
 import sys
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 SCALING_FACTOR = 0.18215  # SD 1.x: latents × this have roughly unit variance
 GROUP_NORM_EPS = 1e-6  # every GroupNorm of the VAE, the attention's included
@@ -43,11 +41,6 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = SCALING_FACTOR
-
-    @classmethod
-    def from_json(cls, file: Path) -> "VAEConfig":
-        """Read and check a diffusers config.json (see _config_from_json, with the loader)."""
-        return _config_from_json(cls, file)
 
 
 # ----------------------------------------------------------------------------- model
@@ -269,189 +262,11 @@ class VAE(nn.Module):
         return self.decode(latents / self.config.scaling_factor)
 
 
-# ----------------------------------------------------------------------------- loading and saving
-
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"  # diffusers' "fp16" variant
-DOWNLOAD_HINT = "run `python weights/download.py`"
-# Files saved by diffusers before 0.14 name the mid-block attention's linear layers
-# query/key/value/proj_attn; diffusers renames them on load, and so do we.
-LEGACY_ATTENTION_NAMES = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.",
-                          "proj_attn.": "to_out.0."}
-
-
-def _config_from_json(cls, file: Path) -> VAEConfig:
-    """VAEConfig.from_json: the config.json of a Stable Diffusion 1.x AutoencoderKL, or one
-    ValueError that names the file, the field and what to do."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{file} is not readable JSON ({err}); {DOWNLOAD_HINT} to fetch it "
-                         f"again.") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object; "
-                         f"{DOWNLOAD_HINT} to fetch it again.")
-    other = _other_model(raw)
-    if other:
-        sibling = file.parent.parent / "vae"
-        raise ValueError(f"{file} describes {other}, not a VAE; pass the vae/ folder of a Stable "
-                         f"Diffusion checkpoint{f' ({sibling})' if sibling.is_dir() else ''}.")
-    # Other block types or a missing quant conv show up as unexpected or missing keys when
-    # loading; the activation does not, so it is checked here.
-    if raw.get("act_fn", "silu") != "silu":
-        raise ValueError(f"{file} describes a {raw.get('_class_name', 'AutoencoderKL')} with "
-                         f"act_fn {raw['act_fn']}; vae.py implements the Stable Diffusion 1.x "
-                         f"AutoencoderKL (SiLU).")
-    values = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
-    for f in fields(cls):
-        if f.name in values and not _matches(values[f.name], f.type):
-            # "int", "tuple[int, ...]"
-            kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)
-            raise ValueError(f"{file} sets {f.name} = {values[f.name]!r}, which is not of type "
-                             f"{kind}; fix it or {DOWNLOAD_HINT} to fetch it again.")
-    config = cls(**values)
-    config.block_out_channels = tuple(config.block_out_channels)
-    if not config.block_out_channels:
-        raise ValueError(f"{file} sets block_out_channels = [], which must list at least one "
-                         f"width; fix it or {DOWNLOAD_HINT} to fetch it again.")
-    # 0 would make every latent 0
-    if not (math.isfinite(config.scaling_factor) and config.scaling_factor > 0):
-        raise ValueError(f"{file} sets scaling_factor = {config.scaling_factor!r}, which must be a "
-                         f"positive finite number (SD 1.x: {SCALING_FACTOR}); fix it or "
-                         f"{DOWNLOAD_HINT} to fetch it again.")
-    return config
-
-
-def _matches(value, kind) -> bool:
-    """isinstance for VAEConfig's annotations: int, float, tuple[int, ...] (a JSON list)."""
-    if typing.get_origin(kind) is tuple:
-        return isinstance(value, (list, tuple)) and all(_matches(v, typing.get_args(kind)[0])
-                                                        for v in value)
-    if kind is float:  # JSON writes 1.0 as 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    # bool is an int to Python, not to a config
-    return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def _other_model(raw: dict) -> str | None:
-    """What a config.json that is not an AutoencoderKL's describes, in words (None for a VAE)."""
-    if "model_type" in raw:  # a transformers config: SD's text_encoder/, or a CLIP
-        kinds = {"clip_text_model": "a CLIP text encoder (transformers' CLIPTextModel)",
-                 "clip": "a CLIP model"}
-        return kinds.get(str(raw["model_type"]),
-                         f"a transformers model of type {raw['model_type']!r}")
-    name = raw.get("_class_name", "AutoencoderKL")
-    if name == "AutoencoderKL":
-        return None
-    return f"a {name}" + (" (the denoising UNet)" if "UNet" in name else "")
-
-
-def _first_keys(keys) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:10]) + (f", … ({len(keys)} in all)" if len(keys) > 10 else "")
-
-
-def _non_finite(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Names (sorted) of the tensors that hold a NaN or an infinity. A sum is NaN or infinite when
-    any element is, so one fast reduction per tensor (and one device sync for all) finds the
-    candidates; an exact test then clears those whose sum merely overflowed (a float16 sum past
-    65504, say)."""
-    names = sorted(k for k, v in state_dict.items() if v.is_floating_point() and v.numel())
-    if not names:
-        return []
-    sums = torch.stack([state_dict[k].sum().float() for k in names])
-    candidates = [names[i] for i in (~sums.isfinite()).nonzero().flatten().tolist()]
-    return [k for k in candidates if not state_dict[k].isfinite().all()]
-
-
-def _config_and_weights(path: Path) -> tuple[VAEConfig, Path, str]:
-    """The config, the weights file and, for messages, what the weights must match: a vae/ folder's
-    config.json, or for a bare file the SD 1.x design."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; {DOWNLOAD_HINT} to fetch the Stable Diffusion "
-                                f"weights.")
-    if not path.is_dir():  # a bare file: the SD 1.x design, checked against the tensors
-        described = ("the SD 1.x VAE (assumed for a bare file; pass its folder to use its "
-                     "config.json)")
-        return VAEConfig(), path, described
-    if (path / "vae").is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: for a Stable Diffusion folder, "
-                                f"pass {path / 'vae'}.")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found; {DOWNLOAD_HINT} to fetch it.")
-    config = VAEConfig.from_json(path / "config.json")
-    names = (WEIGHTS_NAME, FP16_WEIGHTS_NAME)
-    file = next((path / name for name in names if (path / name).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {FP16_WEIGHTS_NAME}; "
-                                f"{DOWNLOAD_HINT}.")
-    return config, file, f"the VAE that {path / 'config.json'} describes"
-
-
-def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
-    """Load a diffusers-format VAE: the vae/ folder (config.json + safetensors) or a bare
-    .safetensors file."""
-    config, file, described = _config_and_weights(Path(path))
-    try:
-        state_dict = load_file(file)
-    except Exception as err:  # safetensors has its own error types for a bad header or a short file
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated "
-                         f"or corrupt, {DOWNLOAD_HINT} to fetch it again.") from None
-    for old, new in LEGACY_ATTENTION_NAMES.items():
-        state_dict = {k.replace(".attentions.0." + old, ".attentions.0." + new): v
-                      for k, v in state_dict.items()}
-
-    with torch.device("meta"):  # shapes only; the real tensors come from the file
-        model = VAE(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
-    if missing or unexpected:
-        hint = ("" if missing != expected.keys()
-                else " (no diffusers-format VAE weights: a UNet or CLIP file?)")
-        problems = " and ".join(f"{len(keys)} {kind} keys [{_first_keys(keys)}]"
-                                for kind, keys in [("missing", missing), ("unexpected", unexpected)]
-                                if keys)
-        raise ValueError(f"{file} does not match {described}{hint}: {problems}; "
-                         f"point to a Stable Diffusion 1.x vae/ folder or {DOWNLOAD_HINT}.")
-    wrong = [f"{k} {tuple(state_dict[k].shape)} ≠ {shape}" for k, shape in expected.items()
-             if tuple(state_dict[k].shape) != shape]
-    if wrong:
-        raise ValueError(f"{file} has {len(wrong)} tensors of the wrong shape for {described}: "
-                         f"[{_first_keys(wrong)}]; check config.json or {DOWNLOAD_HINT}.")
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model = model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
-    # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
-    # file, to tell a damaged file from values that overflow `dtype`.
-    bad = _non_finite(model.state_dict())
-    if bad and _non_finite({k: state_dict[k] for k in bad}):
-        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors "
-                         f"[{_first_keys(bad)}]; the file is damaged or was saved from a run that "
-                         f"diverged: {DOWNLOAD_HINT} to fetch it again.")
-    if bad:
-        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors "
-                         f"[{_first_keys(bad)}]; load it in torch.float32 or torch.bfloat16.")
-    return model
-
-
-def save_vae(model: VAE, folder) -> None:
-    """Write config.json + diffusion_pytorch_model.safetensors in diffusers' layout (AutoencoderKL
-    and load_vae read it): one DownEncoderBlock2D / UpDecoderBlock2D per entry of
-    block_out_channels."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = len(model.config.block_out_channels)
-    config = {"_class_name": "AutoencoderKL", **asdict(model.config), "act_fn": "silu",
-              "down_block_types": ["DownEncoderBlock2D"] * n,
-              "up_block_types": ["UpDecoderBlock2D"] * n}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-
-
 if __name__ == "__main__":
     import torchvision.transforms as T
     from PIL import Image
+
+    from weights.networks import load_vae
 
     parser = argparse.ArgumentParser(
         description="Encode and decode an image with the SD 1.x VAE; print the PSNR.")

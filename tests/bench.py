@@ -90,13 +90,13 @@ def bench_clip() -> None:
 
     import open_clip
 
-    from clip import Tokenizer, load_clip
+    from weights.networks import load_clip, load_openai_tokenizer
 
     ref = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the defaults are ViT-B/32
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
         ours = load_clip(folder)
-    tokenizer = Tokenizer.from_openai_bpe(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    tokenizer = load_openai_tokenizer(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
     pixels = torch.randn(8, 3, 224, 224)
     ids = tokenizer([f"a photo of {n} cats sitting on a red sofa" for n in range(8)])
     with torch.no_grad():
@@ -110,7 +110,7 @@ def bench_vae() -> None:
 
     from diffusers import AutoencoderKL
 
-    from vae import load_vae
+    from weights.networks import load_vae
 
     ref = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
@@ -146,10 +146,11 @@ def bench_eval() -> None:
     from PIL import Image
 
     import eval_winoground as ew
-    from clip import Tokenizer, load_clip
+    from weights.networks import load_clip, load_openai_tokenizer
+    from weights.winoground import Winoground
 
     num_examples = 16
-    tokenizer = Tokenizer.from_openai_bpe(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    tokenizer = load_openai_tokenizer(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
     ref = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the defaults are ViT-B/32
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -174,7 +175,7 @@ def bench_eval() -> None:
                                      "tag": "Noun", "secondary_tag": "", "num_main_preds": 1,
                                      "collapsed_tag": "Object"}))
         (tmp / "data" / "examples.jsonl").write_text("\n".join(lines) + "\n")
-        data = ew.Winoground(tmp / "data")
+        data = Winoground(tmp / "data")
 
         def ours_fn():
             return ew.clip_scores(ours, tokenizer, data, data.examples, batch_size=num_examples)
@@ -211,7 +212,7 @@ def bench_unet() -> None:
 
     from diffusers import UNet2DConditionModel
 
-    from unet import load_unet
+    from weights.networks import load_unet
 
     with tempfile.TemporaryDirectory() as folder:
         # diffusers' defaults are the SD 1.x UNet except the text width (1280 there, 768 in SD 1.x)
@@ -277,9 +278,9 @@ def bench_trainable() -> None:
 
     import transformers
 
-    from clip import load_clip
     from sds import contrastive_loss
     from train import TRAINABLE, set_trainable
+    from weights.networks import load_clip
 
     ref = transformers.CLIPModel(transformers.CLIPConfig())  # the defaults are ViT-B/32
     with tempfile.TemporaryDirectory() as folder:

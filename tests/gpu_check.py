@@ -45,13 +45,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clip import (CLIP, EOT, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfig, bytes_to_unicode,  # noqa: E402
-                  load_clip, save_clip)
+from clip import CLIP, EOT, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfig, bytes_to_unicode  # noqa: E402
 from eval_winoground import timestep_grid  # noqa: E402
 from sds import Mapper, denoising_error, encode_prompt  # noqa: E402
-from train import ADAM_BETAS, SDSCLIPLoss, set_trainable, nonfinite, trained_state  # noqa: E402
-from unet import UNet, UNetConfig, load_unet, save_unet  # noqa: E402
-from vae import VAE, VAEConfig, load_vae, save_vae  # noqa: E402
+from train import ADAM_BETAS, SDSCLIPLoss, set_trainable  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
+from vae import VAE, VAEConfig  # noqa: E402
+from weights.networks import load_clip, load_unet, load_vae, save_clip, save_unet, save_vae  # noqa: E402
+from weights.runs import nonfinite, trained_state  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287  # MS-COCO 2017 train
 EPOCHS = 5  # the paper's

@@ -15,8 +15,11 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import clip
-from clip import OPENAI_STD, CLIP, CLIPConfig, Tokenizer, image_transform, load_clip, open_image, save_clip
+import weights.images
+from clip import OPENAI_STD, CLIP, image_transform
+from weights.images import open_image
+from weights.networks import clip_config_from_hf, hub_path, load_clip, load_openai_tokenizer, load_tokenizer
+from weights.networks import save_clip
 
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 CAPTIONS = ["a photo of a cat", "a dog chasing a ball on the beach", "", "Two PEOPLE & a horse!!! " * 12]
@@ -56,7 +59,7 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return Tokenizer.from_openai_bpe(OPENAI_BPE)
+    return load_openai_tokenizer(OPENAI_BPE)
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +209,7 @@ def test_structure_matches_transformers(name):
         build = transformers.CLIPModel
     with torch.device("meta"):
         ref = build(hf_config)
-        ours = CLIP(CLIPConfig.from_hf(hf_config.to_dict()))
+        ours = CLIP(clip_config_from_hf(hf_config.to_dict()))
     ref_shapes = {k: v.shape for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
     our_shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert our_shapes == ref_shapes
@@ -219,7 +222,7 @@ def test_config_dict_overrides_like_transformers():
            "text_config": {"hidden_size": 512, "eos_token_id": 2},
            "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
            "vision_config": {}, "vision_config_dict": {"hidden_size": 1024, "patch_size": 14}}
-    ours = CLIPConfig.from_hf(raw)
+    ours = clip_config_from_hf(raw)
     ref = transformers.CLIPConfig(**raw)
     for field in ("hidden_size", "intermediate_size", "num_attention_heads", "eos_token_id"):
         assert getattr(ours.text, field) == getattr(ref.text_config, field), field
@@ -266,8 +269,8 @@ def test_tokenizer_matches_open_clip(tokenizer, hf_tokenizer_folder):
     ref = open_clip.tokenizer.SimpleTokenizer()
     expected = ref(texts, context_length=77)
     assert torch.equal(tokenizer(texts), expected)
-    assert torch.equal(Tokenizer.from_pretrained(hf_tokenizer_folder)(texts), expected)
-    assert torch.equal(Tokenizer.from_pretrained(OPENAI_BPE.parent)(texts), expected)
+    assert torch.equal(load_tokenizer(hf_tokenizer_folder)(texts), expected)
+    assert torch.equal(load_tokenizer(OPENAI_BPE.parent)(texts), expected)
 
 
 def test_tokenizer_against_transformers_lists_known_differences(tokenizer, hf_tokenizer_folder):
@@ -375,7 +378,7 @@ def test_images_too_large_to_decode_are_refused(tmp_path, monkeypatch):
     """Over MAX_IMAGE_PIXELS decoded: refused before decoding, unless a JPEG can be decoded small enough."""
     smooth_image(1800, 1800).save(tmp_path / "big.jpg", quality=90)
     smooth_image(1800, 1800).save(tmp_path / "big.png")
-    monkeypatch.setattr(clip, "MAX_IMAGE_PIXELS", 1_000_000)
+    monkeypatch.setattr(weights.images, "MAX_IMAGE_PIXELS", 1_000_000)
     with pytest.raises(ValueError, match=r"big.png is too large to decode safely \(1800 × 1800 pixels to decode; "
                                          r"the limit is 1,000,000\), so it is treated as unreadable"):
         open_image(tmp_path / "big.png", size=224)
@@ -560,7 +563,7 @@ def test_missing_tokenizer_files(tmp_path, hf_tokenizer_folder):
 
     shutil.copy(hf_tokenizer_folder / "vocab.json", tmp_path / "vocab.json")
     with pytest.raises(FileNotFoundError, match=r"merges.txt not found.*vocab.json and merges.txt"):
-        Tokenizer.from_pretrained(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 def test_position_ids_buffers_are_ignored(parity, good_folder, tokenizer):
@@ -593,7 +596,7 @@ def test_demo_prints_probabilities(tmp_path, hf_tokenizer_folder):
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
     printed = [float(line.split("%")[0]) / 100 for line in run.stdout.splitlines()]
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
-    ids = Tokenizer.from_pretrained(folder)(captions)
+    ids = load_tokenizer(folder)(captions)
     with torch.no_grad():
         pixels = processor(images=Image.open(tmp_path / "cat.png"), return_tensors="pt").pixel_values
         expected = ref(input_ids=ids, pixel_values=pixels).logits_per_image.softmax(-1)[0]
@@ -769,7 +772,7 @@ def test_pad_id_from_the_files_transformers_writes(tmp_path, hf_tokenizer_folder
     kwargs = {} if pad_token is None else {"pad_token": pad_token}
     transformers.CLIPTokenizer(hf_tokenizer_folder / "vocab.json", hf_tokenizer_folder / "merges.txt",
                                **kwargs).save_pretrained(tmp_path)
-    ours = Tokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
     assert ours.pad_id == pad_id
     ref = transformers.CLIPTokenizer.from_pretrained(tmp_path)
     assert ref.pad_token_id == pad_id
@@ -784,13 +787,13 @@ def test_pad_token_as_added_token_dict_and_bad_values(tmp_path, hf_tokenizer_fol
         shutil.copy(hf_tokenizer_folder / name, tmp_path / name)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "!", "lstrip": False}}))
-    assert Tokenizer.from_pretrained(tmp_path).pad_id == 0  # special_tokens_map.json wins, as in transformers
+    assert load_tokenizer(tmp_path).pad_id == 0  # special_tokens_map.json wins, as in transformers
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
     with pytest.raises(ValueError, match=r"special_tokens_map.json names pad_token '<pad>', which is not in .*vocab"):
-        Tokenizer.from_pretrained(tmp_path)
+        load_tokenizer(tmp_path)
     (tmp_path / "special_tokens_map.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"special_tokens_map.json is not a JSON object"):
-        Tokenizer.from_pretrained(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("name, edit, message", [
@@ -811,7 +814,7 @@ def test_tokenizer_files_of_the_wrong_shape_are_one_line(tmp_path, hf_tokenizer_
     vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
     (tmp_path / name).write_text(json.dumps(edit(vocab)), encoding="utf-8")
     with pytest.raises(ValueError, match=rf"{name} {message}; fix it or download the tokenizer again"):
-        Tokenizer.from_pretrained(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------- hub ids in the local cache
@@ -832,16 +835,16 @@ def test_hub_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     default = fake_cache(tmp_path / "home" / ".cache" / "huggingface" / "hub", "openai/clip-vit-base-patch32")
-    assert clip.hub_path("openai/clip-vit-base-patch32") == default
+    assert hub_path("openai/clip-vit-base-patch32") == default
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     home = fake_cache(tmp_path / "hf_home" / "hub", "openai/clip-vit-base-patch32", "feed")
-    assert clip.hub_path("openai/clip-vit-base-patch32") == home
+    assert hub_path("openai/clip-vit-base-patch32") == home
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
     cache = fake_cache(tmp_path / "hub_cache", "openai/clip-vit-base-patch32", "beef")
-    assert clip.hub_path("openai/clip-vit-base-patch32") == cache
+    assert hub_path("openai/clip-vit-base-patch32") == cache
     monkeypatch.chdir(tmp_path)
     (tmp_path / "openai" / "clip-vit-base-patch32").mkdir(parents=True)  # a folder of that name here wins
-    assert clip.hub_path("openai/clip-vit-base-patch32") == Path("openai/clip-vit-base-patch32")
+    assert hub_path("openai/clip-vit-base-patch32") == Path("openai/clip-vit-base-patch32")
 
 
 def test_hub_id_loads_from_the_cache(parity, tmp_path, monkeypatch, tokenizer):
@@ -850,7 +853,7 @@ def test_hub_id_loads_from_the_cache(parity, tmp_path, monkeypatch, tokenizer):
     saved(ref, fake_cache(tmp_path / "hub", "someone/small-clip"))
     ids = tokenizer(CAPTIONS)
     with torch.no_grad():
-        parity("clip from a hub id in the local cache", load_clip(clip.hub_path("someone/small-clip")).encode_text(ids),
+        parity("clip from a hub id in the local cache", load_clip(hub_path("someone/small-clip")).encode_text(ids),
                ref.get_text_features(input_ids=ids), atol=1e-4)
 
 
@@ -860,13 +863,13 @@ def test_hub_id_not_in_the_cache_says_where_it_looked_and_how_to_get_it(tmp_path
                                                 r"nor as a hub id in the local Hugging Face cache \(.*hub/models--laion"
                                                 r"--CLIP-ViT-B-32-laion2B-s34B-b79K/refs/main names no snapshot\) — "
                                                 r"download it with `huggingface-cli download laion/CLIP-ViT-B-32"):
-        clip.hub_path("laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+        hub_path("laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
     folder = fake_cache(tmp_path / "hub", "org/name")
     folder.rmdir()  # refs/main names a snapshot that is not there (an interrupted download)
     with pytest.raises(FileNotFoundError, match=r"org/name not found"):
-        clip.hub_path("org/name")
+        hub_path("org/name")
     for path in ("/abs/missing", "./rel/missing", "a/b/c", "nothing"):  # not hub ids: returned as paths
-        assert clip.hub_path(path) == Path(path)
+        assert hub_path(path) == Path(path)
 
 
 @pytest.mark.parametrize("case", ["../ in refs/main", "absolute refs/main", "snapshot link", "file link", "binary"])
@@ -886,7 +889,7 @@ def test_hub_id_whose_snapshot_leads_out_of_the_cache_is_refused(tmp_path, monke
     blobs.mkdir()
     (blobs / "b0b").write_text("{}")
     (snapshot / "config.json").symlink_to(Path("../../blobs/b0b"))  # as the hub's files are: accepted
-    assert clip.hub_path("org/name") == snapshot
+    assert hub_path("org/name") == snapshot
     if case == "../ in refs/main":
         ref.write_text("../" * 7 + str(elsewhere).lstrip("/"))
     elif case == "absolute refs/main":
@@ -902,7 +905,7 @@ def test_hub_id_whose_snapshot_leads_out_of_the_cache_is_refused(tmp_path, monke
         r"leads out of the Hugging Face cache \(to .*elsewhere.*\), so org/name is not loaded from it"
     with pytest.raises(FileNotFoundError, match=rf"{message}; delete .*models--org--name and download it again with "
                                                 r"`huggingface-cli download org/name`"):
-        clip.hub_path("org/name")
+        hub_path("org/name")
     if case == "binary":  # the demo says the same in one line
         env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}
         run = subprocess.run([sys.executable, "clip.py", "org/name", "--image", "x.png"], capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""train.CocoCaptions on bad input: a captions file with entries that cannot be used, and images
+"""weights.coco.CocoCaptions on bad input: a captions file with entries that cannot be used, and images
 that cannot be decoded. Every entry left out is counted in summary(); no image crashes a worker."""
 
 import json
@@ -10,7 +10,8 @@ from PIL import Image
 
 import clip
 from clip import image_transform
-from train import CocoCaptions, collate
+from weights import images
+from weights.coco import CocoCaptions, collate
 
 IMAGE_SIZE = 32
 
@@ -66,7 +67,7 @@ def test_a_clean_file_reports_nothing_left_out(tmp_path):
 
 def test_images_too_large_to_decode_are_unreadable_not_a_crash(tmp_path, monkeypatch):
     """Above twice PIL's MAX_IMAGE_PIXELS, Image.open raises DecompressionBombError, which is not an
-    OSError; above clip.MAX_IMAGE_PIXELS the image is refused before it is decoded. Either way the
+    OSError; above weights.images.MAX_IMAGE_PIXELS the image is refused before it is decoded. Either way the
     item is (None, index, why), which --skip_bad_images counts and skips."""
     annotations = [{"id": n, "image_id": n, "caption": "a cup"} for n in range(2)]
     data = CocoCaptions(write_coco(tmp_path, [entry(0), entry(1)], annotations), image_transform(IMAGE_SIZE))
@@ -76,7 +77,7 @@ def test_images_too_large_to_decode_are_unreadable_not_a_crash(tmp_path, monkeyp
     assert pixels is None and index == 1
     assert why.startswith(f"{data.files[1]} is too large to decode safely (")
     monkeypatch.undo()
-    monkeypatch.setattr(clip, "MAX_IMAGE_PIXELS", 1000)  # ours
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1000)  # ours
     assert data[0][2] == (f"{data.files[0]} is too large to decode safely (40 × 30 pixels to decode; the limit is "
                           f"1,000), so it is treated as unreadable")
     batch, indices, errors = collate([data[0], data[1]])
@@ -85,13 +86,13 @@ def test_images_too_large_to_decode_are_unreadable_not_a_crash(tmp_path, monkeyp
 
 def test_large_images_are_decoded_reduced(tmp_path, monkeypatch):
     """With image_size, an image whose shorter side is ≥ 2 × 4 × image_size is decoded at half size (or less)."""
-    import train
+    from weights import coco
 
     root = write_coco(tmp_path, [entry(0)], [{"id": 0, "image_id": 0, "caption": "a wide field"}])
     x, y = np.meshgrid(np.linspace(0, 1, 300), np.linspace(0, 1, 260))
     Image.fromarray((np.stack([x, y, x * y], -1) * 255).astype(np.uint8)).save(root / "train2017" / "000000000000.jpg")
     decoded = []
-    monkeypatch.setattr(train, "open_image", lambda *a, **k: decoded.append(clip.open_image(*a, **k)) or decoded[-1])
+    monkeypatch.setattr(coco, "open_image", lambda *a, **k: decoded.append(images.open_image(*a, **k)) or decoded[-1])
     full = CocoCaptions(root, image_transform(IMAGE_SIZE))[0][0]
     reduced = CocoCaptions(root, image_transform(IMAGE_SIZE), image_size=IMAGE_SIZE)[0][0]
     assert [image.size for image in decoded] == [(300, 260), (150, 130)]  # 130 ≥ 4 × 32

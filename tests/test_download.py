@@ -470,7 +470,7 @@ def test_laion_preset_fetches_open_clip_safetensors_that_load_clip_reads(hub, tm
     from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
     from safetensors.torch import save
 
-    from clip import Tokenizer, load_clip
+    from weights.networks import load_clip, load_tokenizer
 
     model = OpenCLIP(16, CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=16),
                      CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)).eval()
@@ -487,7 +487,7 @@ def test_laion_preset_fetches_open_clip_safetensors_that_load_clip_reads(hub, tm
     folder = tmp_path / "CLIP-ViT-B-32-laion2B-s34B-b79K"
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
     ours = load_clip(folder)
-    assert ours.config.text.hidden_act == "gelu" and Tokenizer.from_pretrained(folder).pad_id == 0
+    assert ours.config.text.hidden_act == "gelu" and load_tokenizer(folder).pad_id == 0
     pixels = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(pixels), model.encode_image(pixels), rtol=0, atol=1e-5)

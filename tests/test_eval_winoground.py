@@ -25,6 +25,9 @@ import transformers
 from PIL import Image
 
 import eval_winoground as ew
+from weights import runs
+from weights import winoground as wino
+from weights.networks import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -157,7 +160,7 @@ def test_a_single_tie_fails_the_credit(s, text, image):
 
 
 def test_summary_counts_and_breakdown():
-    examples = [ew.Example(**r) for r in records()]
+    examples = [wino.Example(**r) for r in records()]
     scores = torch.tensor([case[0] for case in METRIC_CASES[:5]])  # (5, 2, 2)
     rows = ew.score_examples(examples, scores)
     assert [(r["text"], r["image"], r["group"]) for r in rows] == [tuple(case[1:]) for case in METRIC_CASES[:5]]
@@ -174,7 +177,7 @@ def test_summary_counts_and_breakdown():
 
 
 def test_normalized_image_scores_judge_images_only():
-    examples = [ew.Example(**r) for r in records(1)]
+    examples = [wino.Example(**r) for r in records(1)]
     raw = torch.tensor([[[0.5, 0.6], [0.2, 0.9]]])  # text ✓, image ✗
     normalized = torch.tensor([[[0.5, 0.1], [0.6, 0.9]]])  # text ✗, image ✓
     (row,) = ew.score_examples(examples, raw, normalized)
@@ -199,7 +202,7 @@ def test_normalize_image_score_subtracts_the_empty_prompt_error(monkeypatch, win
         return errors[: len(call.arguments["examples"])]
 
     monkeypatch.setattr(ew, "diffusion_errors", known_errors)
-    monkeypatch.setattr(ew.StableDiffusion, "from_pretrained", lambda *args: SimpleNamespace(resolution=16))
+    monkeypatch.setattr(ew, "load_stable_diffusion", lambda *args: SimpleNamespace(resolution=16))
     results = ew.evaluate(ew.parse_args(["--sd", "no-model-needed", "--data", str(winoground), "--timesteps", "2",
                                          "--normalize_image_score", "--device", "cpu"]))
     rows = results["examples"]
@@ -247,7 +250,7 @@ def test_bootstrap_interval_against_closed_forms():
 
 
 def test_intervals_on_every_subset_in_the_table_and_json():
-    examples = [ew.Example(**r) for r in records()]
+    examples = [wino.Example(**r) for r in records()]
     rows = ew.score_examples(examples, torch.tensor([case[0] for case in METRIC_CASES[:5]]))
     summary = ew.summarize(rows, resamples=500)
     for name in ("all", "collapsed_tag=Object"):
@@ -336,7 +339,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 def test_loads_both_layouts(tmp_path, layout, level):
     write_winoground(tmp_path / "data", layout)
     path = {"data": tmp_path / "data", "root": tmp_path, "file": tmp_path / "data" / "examples.jsonl"}[level]
-    data = ew.Winoground(path)  # the folder, its data/, or examples.jsonl itself
+    data = wino.Winoground(path)  # the folder, its data/, or examples.jsonl itself
     assert len(data) == len(CAPTIONS)
     assert [vars(e) for e in data.examples] == records()
     for k, example in enumerate(data.examples):
@@ -358,7 +361,7 @@ def test_parquet_layout(tmp_path):
         rows.append(row)
     (tmp_path / "data").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "test-00000-of-00001.parquet")
-    data = ew.Winoground(tmp_path)
+    data = wino.Winoground(tmp_path)
     assert [(e.id, e.caption_0, e.collapsed_tag, e.num_main_preds) for e in data.examples] == [
         (r["id"], r["caption_0"], r["collapsed_tag"], r["num_main_preds"]) for r in records()]
     for k, example in enumerate(data.examples):
@@ -370,8 +373,8 @@ def test_parquet_without_pyarrow_says_so(tmp_path):
     """Simulated in a fresh interpreter where `import pyarrow` fails."""
     (tmp_path / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
     code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
-            "import eval_winoground as ew\n"
-            "try:\n    ew.Winoground(sys.argv[1])\nexcept ImportError as err:\n    print('ImportError:', err)")
+            "from weights import winoground as wino\n"
+            "try:\n    wino.Winoground(sys.argv[1])\nexcept ImportError as err:\n    print('ImportError:', err)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                          check=True)
     assert "ImportError:" in out.stdout and "needs pyarrow (`pip install pyarrow`)" in out.stdout
@@ -380,10 +383,10 @@ def test_parquet_without_pyarrow_says_so(tmp_path):
 
 def test_missing_folder_and_examples_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="Winoground not found at .*weights/download.py --winoground"):
-        ew.Winoground(tmp_path / "nowhere")
+        wino.Winoground(tmp_path / "nowhere")
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no examples.jsonl"):
-        ew.Winoground(tmp_path)
+        wino.Winoground(tmp_path)
 
 
 def test_missing_images(tmp_path):
@@ -391,7 +394,7 @@ def test_missing_images(tmp_path):
     (folder / "images" / "ex_3_img_1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 image\(s\) of .*examples.jsonl not found in .*images: "
                                                 r"ex_3_img_1.png$"):
-        ew.Winoground(folder)
+        wino.Winoground(folder)
     folder = write_winoground(tmp_path / "b", "zip")
     with zipfile.ZipFile(folder / "images.zip") as archive, zipfile.ZipFile(folder / "smaller.zip", "w") as smaller:
         for member in archive.namelist():
@@ -399,11 +402,11 @@ def test_missing_images(tmp_path):
                 smaller.writestr(member, archive.read(member))
     (folder / "smaller.zip").replace(folder / "images.zip")
     with pytest.raises(FileNotFoundError, match=r"not found in .*images.zip: ex_0_img_0.png$"):
-        ew.Winoground(folder)
+        wino.Winoground(folder)
     folder = write_winoground(tmp_path / "c", "zip")
     (folder / "images.zip").unlink()
     with pytest.raises(FileNotFoundError, match="neither images/ nor images.zip"):
-        ew.Winoground(folder)
+        wino.Winoground(folder)
 
 
 def test_malformed_lines(tmp_path):
@@ -421,13 +424,13 @@ def test_malformed_lines(tmp_path):
     for n, (lines, message) in enumerate(cases):
         folder = write_winoground(tmp_path / str(n), "images", lines)
         with pytest.raises(ValueError, match=message):
-            ew.Winoground(folder)
+            wino.Winoground(folder)
 
 
 def test_unreadable_image(tmp_path):
     folder = write_winoground(tmp_path, "images")
     (folder / "images" / "ex_2_img_0.png").write_bytes(b"not a png")
-    data = ew.Winoground(folder)
+    data = wino.Winoground(folder)
     with pytest.raises(ValueError, match="ex_2_img_0.png is not a readable image"):
         data.images(data[2])
 
@@ -437,7 +440,7 @@ def test_examples_file_that_is_not_utf8_names_the_file(tmp_path):
     (folder / "examples.jsonl").write_bytes((folder / "examples.jsonl").read_bytes().replace(b"mug", b"m\xfcg"))
     with pytest.raises(ValueError, match=r"examples.jsonl is not UTF-8 text \(byte \d+ cannot be decoded: "
                                          r"invalid start byte\); download the dataset again"):
-        ew.Winoground(folder)
+        wino.Winoground(folder)
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../secret", "ex_0/../../secret", "..\\secret", "C:\\secret.png",
@@ -448,13 +451,13 @@ def test_image_names_outside_the_images_folder_are_refused(tmp_path, name):
     folder = write_winoground(tmp_path / "data", "images", lines)
     with pytest.raises(ValueError, match=rf"examples.jsonl line 3: image_1 {re.escape(repr(name))} is an absolute "
                                          r"path or goes up with '..'"):
-        ew.Winoground(folder)
+        wino.Winoground(folder)
 
 
 def test_images_too_large_to_decode_are_one_sentence(tmp_path, monkeypatch):
     """A decompression bomb: PIL refuses images above twice its MAX_IMAGE_PIXELS with an error that
     is not an OSError; made small here so that a small image is one."""
-    data = ew.Winoground(write_winoground(tmp_path, "zip"))
+    data = wino.Winoground(write_winoground(tmp_path, "zip"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the images have 900 to 4900 pixels
     with pytest.raises(ValueError, match=r"images.zip:images/ex_1_img_0.png is too large to decode safely \(.*\), "
                                          r"so it is treated as unreadable; download the dataset again"):
@@ -470,13 +473,13 @@ def test_zip_members_that_inflate_hugely_are_refused(tmp_path, monkeypatch):
     with zipfile.ZipFile(folder / "images.zip", "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-        archive.writestr("images/ex_1_img_0.png", bytes(ew.MAX_IMAGE_FILE_BYTES + 1))
+        archive.writestr("images/ex_1_img_0.png", bytes(wino.MAX_IMAGE_FILE_BYTES + 1))
     assert (folder / "images.zip").stat().st_size < 500_000
     with pytest.raises(ValueError, match=r"images.zip: images/ex_1_img_0.png inflates to 67,108,865 bytes, more than "
                                          r"any image file \(the limit is 67,108,864\); download the dataset again"):
-        ew.Winoground(folder)
-    data = ew.Winoground(write_winoground(tmp_path / "good", "zip"))
-    monkeypatch.setattr(ew, "MAX_IMAGE_FILE_BYTES", 1000)  # the images are larger: as if their sizes were lies
+        wino.Winoground(folder)
+    data = wino.Winoground(write_winoground(tmp_path / "good", "zip"))
+    monkeypatch.setattr(wino, "MAX_IMAGE_FILE_BYTES", 1000)  # the images are larger: as if their sizes were lies
     with pytest.raises(ValueError, match=r"images.zip:images/ex_1_img_0.png inflates to more than 1,000 bytes"):
         data.images(data[1])
 
@@ -501,7 +504,7 @@ def test_results_that_cannot_be_written_at_the_end_are_kept_elsewhere(tmp_path, 
     out = tmp_path / "file" / "results.json"
     results = {"settings": {"data": "x"}, "examples": [{"id": 0, "group": True}]}
     with pytest.raises(SystemExit) as stopped:
-        ew.write_results(results, str(out))
+        runs.write_results(results, str(out))
     [kept] = (tmp_path / "tmp").glob("winoground-*.json")
     assert json.loads(kept.read_text()) == results
     assert str(stopped.value).startswith(f"error: --out {out} cannot be written (")
@@ -541,7 +544,7 @@ def clip_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def reference_clip_scores(folder: Path, data: "ew.Winoground") -> torch.Tensor:
+def reference_clip_scores(folder: Path, data: "wino.Winoground") -> torch.Tensor:
     """(N, 2, 2) cosine similarities from transformers' tokenizer, image processor and CLIPModel."""
     model = transformers.CLIPModel.from_pretrained(folder).eval()
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
@@ -560,10 +563,10 @@ def reference_clip_scores(folder: Path, data: "ew.Winoground") -> torch.Tensor:
 
 @pytest.mark.parametrize("batch_size, workers, layout", [(1, 0, "images"), (3, 2, "zip")])
 def test_clip_scores_match_transformers(parity, tmp_path, clip_folder, batch_size, workers, layout):
-    from clip import Tokenizer, load_clip
+    from weights.networks import load_clip
 
-    data = ew.Winoground(write_winoground(tmp_path, layout))
-    tokenizer = Tokenizer.from_pretrained(clip_folder)
+    data = wino.Winoground(write_winoground(tmp_path, layout))
+    tokenizer = load_tokenizer(clip_folder)
     ours = ew.clip_scores(load_clip(clip_folder), tokenizer, data, data.examples, batch_size, workers=workers)
     ref = reference_clip_scores(clip_folder, data)
     parity(f"winoground CLIP 2x2 cosine scores, small config, batch {batch_size}, {workers} workers", ours, ref,
@@ -636,8 +639,8 @@ def reference_diffusion_errors(folder: Path, data, example, timesteps: list[int]
 
 
 def test_diffusion_score_matches_diffusers(parity, winoground, sd_folder):
-    data = ew.Winoground(winoground)
-    sd = ew.StableDiffusion.from_pretrained(sd_folder)
+    data = wino.Winoground(winoground)
+    sd = ew.load_stable_diffusion(sd_folder)
     timesteps = [125, 375, 625, 875]  # --timesteps 4: the centres of four equal bins of 0 … 999
     ours = ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=7, batch_size=10,
                                resolution=SD_RESOLUTION, unconditional=True)  # (2, 3, 2, T)
@@ -654,8 +657,8 @@ def test_diffusion_score_matches_diffusers(parity, winoground, sd_folder):
 
 
 def test_diffusion_score_is_seeded(winoground, sd_folder):
-    data = ew.Winoground(winoground)
-    sd = ew.StableDiffusion.from_pretrained(sd_folder)
+    data = wino.Winoground(winoground)
+    sd = ew.load_stable_diffusion(sd_folder)
     run = lambda seed, batch_size: ew.diffusion_errors(sd, data, data.examples[:3], ew.timestep_grid(3), seed=seed,
                                                        batch_size=batch_size, resolution=SD_RESOLUTION)
     first = run(0, 4)
@@ -697,8 +700,8 @@ def sd2_folder(tmp_path_factory, sd_folder) -> Path:
 
 
 def test_diffusion_score_of_sd2_base_matches_diffusers(parity, winoground, sd2_folder):
-    data = ew.Winoground(winoground)
-    sd = ew.StableDiffusion.from_pretrained(sd2_folder)
+    data = wino.Winoground(winoground)
+    sd = ew.load_stable_diffusion(sd2_folder)
     assert sd.tokenizer.pad_id == 0  # "!", as SD 2.x's tokenizer files say
     ours = ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=3, batch_size=10,
                                resolution=SD_RESOLUTION, unconditional=True)  # (2, 3, 2, T)
@@ -720,7 +723,7 @@ def test_v_prediction_models_are_refused(tmp_path, sd2_folder):
     diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                             prediction_type="v_prediction").save_pretrained(folder / "scheduler")
     with pytest.raises(ValueError, match=r"scheduler_config.json says prediction_type 'v_prediction'"):
-        ew.StableDiffusion.from_pretrained(folder)
+        ew.load_stable_diffusion(folder)
 
 
 def test_hub_ids_resolve_in_the_local_cache(tmp_path, monkeypatch, winoground, clip_folder, sd_folder):
@@ -731,22 +734,22 @@ def test_hub_ids_resolve_in_the_local_cache(tmp_path, monkeypatch, winoground, c
         (cached / "refs").mkdir(parents=True)
         (cached / "refs" / "main").write_text("c0ffee")
         shutil.copytree(target, cached / "snapshots" / "c0ffee")  # a link out of the cache would be refused
-    sd = ew.StableDiffusion.from_pretrained("someone/tiny-sd")
+    sd = ew.load_stable_diffusion("someone/tiny-sd")
     assert sd.unet.config.cross_attention_dim == 32
     results = ew.evaluate(ew.parse_args(["--clip", "someone/tiny-clip", "--data", str(winoground), "--limit", "2",
                                          "--device", "cpu"]))
     assert results["settings"]["model"].endswith("snapshots/c0ffee")
     with pytest.raises(FileNotFoundError, match=r"someone/absent not found, neither as a path nor as a hub id .*"
                                                 r"huggingface-cli download someone/absent"):
-        ew.StableDiffusion.from_pretrained("someone/absent")
+        ew.load_stable_diffusion("someone/absent")
 
 
 def test_sd_folder_errors(tmp_path, sd_folder):
     with pytest.raises(FileNotFoundError, match="not found.*weights/download.py"):
-        ew.StableDiffusion.from_pretrained(tmp_path / "nowhere")
+        ew.load_stable_diffusion(tmp_path / "nowhere")
     (tmp_path / "partial" / "vae").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"lacks the subfolder\(s\) \['unet', 'text_encoder', 'tokenizer'\]"):
-        ew.StableDiffusion.from_pretrained(tmp_path / "partial")
+        ew.load_stable_diffusion(tmp_path / "partial")
 
 
 # ----------------------------------------------------------------------------- the script, as a user runs it
@@ -765,7 +768,7 @@ def test_script_clip_writes_results(tmp_path, winoground, clip_folder):
     results = json.loads(out.read_text())
     assert results["settings"]["scorer"] == "clip" and results["settings"]["examples"] == 4
     assert [e["id"] for e in results["examples"]] == [0, 1, 2, 3]
-    data = ew.Winoground(winoground)
+    data = wino.Winoground(winoground)
     ref = reference_clip_scores(clip_folder, data)[:4]
     torch.testing.assert_close(torch.tensor([e["scores"] for e in results["examples"]]), ref, rtol=0, atol=1e-4)
     for e in results["examples"]:
@@ -775,8 +778,8 @@ def test_script_clip_writes_results(tmp_path, winoground, clip_folder):
     ci95 = results["totals"].pop("ci95")  # the 95 % intervals, from the saved credits and the default resamples
     assert results["totals"] == {"n": 4, "text": 25.0 * n, "image": 25.0 * sum(e["image"] for e in results["examples"]),
                                  "group": 25.0 * sum(e["group"] for e in results["examples"])}
-    intervals = 100 * ew.bootstrap_interval([[e[key] for key in ew.METRICS] for e in results["examples"]])
-    assert ci95 == dict(zip(ew.METRICS, intervals.T.tolist())) and results["settings"]["bootstrap_resamples"] == 2000
+    intervals = 100 * ew.bootstrap_interval([[e[key] for key in wino.METRICS] for e in results["examples"]])
+    assert ci95 == dict(zip(wino.METRICS, intervals.T.tolist())) and results["settings"]["bootstrap_resamples"] == 2000
     low, high = ci95["text"]
     assert f"all                           4{25.0 * n:>8.2f} [{low:5.1f}, {high:5.1f}]" in done.stdout
     assert "ci95" in results["subsets"]["collapsed_tag=Object"] and "collapsed_tag=Object" in done.stdout
@@ -859,14 +862,14 @@ def test_resolution_defaults_to_the_models_own(winoground, sd_folder):
     args = ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1", "--timesteps", "1"])
     assert args.resolution is None
     results = ew.evaluate(args)
-    assert results["settings"]["resolution"] == 16 == ew.StableDiffusion.from_pretrained(sd_folder).resolution
+    assert results["settings"]["resolution"] == 16 == ew.load_stable_diffusion(sd_folder).resolution
     assert ew.evaluate(ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1",
                                       "--timesteps", "1", "--resolution", "32"]))["settings"]["resolution"] == 32
 
 
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory, clip_folder, sd_folder) -> dict[str, Path]:
-    """The paths weights/toyworld.py's build() returns: the models, the data splits."""
+    """The paths weights.toyworld.build() returns: the models, the data splits."""
     root = tmp_path_factory.mktemp("toy")
     shutil.copytree(clip_folder, root / "clip")
     shutil.copytree(sd_folder, root / "sd")
@@ -916,20 +919,20 @@ def test_train_export_is_accepted(tmp_path, winoground, clip_folder):
     import argparse
 
     import train
-    from clip import Tokenizer, load_clip
     from sds import Mapper
+    from weights.networks import load_clip
 
     clip = load_clip(clip_folder)
     with torch.no_grad():
         for module in clip.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.mul_(1.1)
-    train.export(train.SDSCLIPLoss(clip, Mapper(32, (4, 8, 8)), 0.001, "full"),
-                 argparse.Namespace(out=str(tmp_path / "export"), clip=str(clip_folder)))
-    data = ew.Winoground(winoground)
-    tokenizer = Tokenizer.from_pretrained(clip_folder)
+    runs.export(train.SDSCLIPLoss(clip, Mapper(32, (4, 8, 8)), 0.001, "full"),
+                argparse.Namespace(out=str(tmp_path / "export"), clip=str(clip_folder)))
+    data = wino.Winoground(winoground)
+    tokenizer = load_tokenizer(clip_folder)
     expected = ew.clip_scores(clip, tokenizer, data, data.examples)
-    exported = ew.clip_scores(load_clip(tmp_path / "export"), Tokenizer.from_pretrained(tmp_path / "export"), data,
+    exported = ew.clip_scores(load_clip(tmp_path / "export"), load_tokenizer(tmp_path / "export"), data,
                               data.examples)
     assert torch.equal(exported, expected)
     assert not torch.allclose(expected, ew.clip_scores(load_clip(clip_folder), tokenizer, data, data.examples))
@@ -944,9 +947,9 @@ BF16_DIFFUSION_ATOL = 1e-2
 
 
 def test_clip_scores_bf16_match_fp32(parity, winoground, clip_folder):
-    from clip import Tokenizer, load_clip
+    from weights.networks import load_clip
 
-    data, model, tokenizer = ew.Winoground(winoground), load_clip(clip_folder), Tokenizer.from_pretrained(clip_folder)
+    data, model, tokenizer = wino.Winoground(winoground), load_clip(clip_folder), load_tokenizer(clip_folder)
     fp32 = ew.clip_scores(model, tokenizer, data, data.examples, batch_size=2)
     bf16 = ew.clip_scores(model, tokenizer, data, data.examples, batch_size=2, precision="bf16")
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # autocast took effect
@@ -954,10 +957,10 @@ def test_clip_scores_bf16_match_fp32(parity, winoground, clip_folder):
 
 
 def test_diffusion_errors_bf16_match_fp32(parity, winoground, sd_folder):
-    data = ew.Winoground(winoground)
+    data = wino.Winoground(winoground)
 
     def errors(precision: str, dtype: torch.dtype) -> torch.Tensor:
-        sd = ew.StableDiffusion.from_pretrained(sd_folder, dtype=dtype)
+        sd = ew.load_stable_diffusion(sd_folder, dtype=dtype)
         assert {p.dtype for part in (sd.unet, sd.vae, sd.text_encoder) for p in part.parameters()} == {dtype}
         return ew.diffusion_errors(sd, data, data.examples[:2], ew.timestep_grid(4), seed=7, batch_size=10,
                                    resolution=SD_RESOLUTION, unconditional=True, precision=precision)

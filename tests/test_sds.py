@@ -15,9 +15,9 @@ import torch
 import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from clip import Tokenizer, load_clip
-from sds import Mapper, NoiseSchedule, check_scheduler, contrastive_loss, denoising_error, encode_prompt, fit_mapper
+from sds import Mapper, NoiseSchedule, contrastive_loss, denoising_error, encode_prompt, fit_mapper
 from sds import r_squared, sds_loss
+from weights.networks import check_scheduler, load_clip, load_openai_tokenizer, load_tokenizer
 
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -191,7 +191,7 @@ def test_encode_prompt_pads_with_eot_and_equals_transformers(tmp_path, parity):
         for p in ref.parameters():  # off the init, which leaves LayerNorms at exactly 1 and 0
             p.add_(0.05 * torch.randn_like(p))
     ref.save_pretrained(tmp_path)
-    tokenizer = Tokenizer.from_openai_bpe(OPENAI_BPE)
+    tokenizer = load_openai_tokenizer(OPENAI_BPE)
     captions = ["a mug in some grass", "some grass in a mug, seen from above"]
     ids = tokenizer(captions)  # padded with 0, OpenAI's way; SD 1.x pads with EOT after the caption
     lengths = (ids == tokenizer.eot_id).int().argmax(dim=1) + 1
@@ -215,7 +215,7 @@ def test_encode_prompt_pads_as_the_tokenizer_files_say(tmp_path, parity, pad_tok
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.save_pretrained(tmp_path / "text_encoder")
-    openai = Tokenizer.from_openai_bpe(OPENAI_BPE)
+    openai = load_openai_tokenizer(OPENAI_BPE)
     (tmp_path / "bpe").mkdir()
     (tmp_path / "bpe" / "vocab.json").write_text(json.dumps(openai.encoder), encoding="utf-8")
     merges = sorted(openai.ranks, key=openai.ranks.get)
@@ -228,7 +228,7 @@ def test_encode_prompt_pads_as_the_tokenizer_files_say(tmp_path, parity, pad_tok
     ids = hf_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert (ids[:, -1] == (0 if pad_token == "!" else 49407)).all()
     with torch.no_grad():
-        ours = encode_prompt(load_clip(tmp_path / "text_encoder"), Tokenizer.from_pretrained(tmp_path / "tokenizer"),
+        ours = encode_prompt(load_clip(tmp_path / "text_encoder"), load_tokenizer(tmp_path / "tokenizer"),
                              captions)
         expected = ref(input_ids=ids).last_hidden_state
         parity(f"sds encode_prompt, gelu text encoder, pad {pad_token!r}", ours, expected, atol=1e-5)

@@ -1,24 +1,26 @@
-"""tests/toy_evidence.py: runs made apart gather in one results.json, a row is compared with the control on
-the seeds' examples pooled (each seed's control paired with the same seed's row), and the picture draws
-every configuration beside its control's interval."""
+"""weights/toyworld/evidence.py: runs made apart gather in one results.json, a row is compared with
+the control on the seeds' examples pooled (each seed's control paired with the same seed's row), and
+the picture draws every configuration beside its control's interval."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-import toy_evidence as te
 from eval_winoground import compare_runs
+from weights.toyworld import evidence as te
 
-SETTINGS = {"sds_weight": 1.0, "timesteps": 100, "train_flags": "--epochs 5 --trainable all", "world": "w",
-            "models": "m", "quick": False}
+SETTINGS = {"sds_weight": 1.0, "timesteps": 100, "train_flags": "--epochs 5 --trainable all",
+            "world": "w", "models": "m", "quick": False}
 
 
-def write_run(out: Path, split: str, row: str, seed: int, groups: list[bool], tag: str = "attribute") -> None:
-    """A results file of eval_winoground.py --out: example i right in group (text and image) when groups[i]."""
+def write_run(out: Path, split: str, row: str, seed: int, groups: list[bool],
+              tag: str = "attribute") -> None:
+    """A results file of eval_winoground.py --out: example i right in group (text and image) when
+    groups[i]."""
     right, wrong = [[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]
-    examples = [{"id": i, "collapsed_tag": tag if i % 2 == 0 else "object", "scores": right if ok else wrong,
-                 "text": ok, "image": ok, "group": ok} for i, ok in enumerate(groups)]
+    examples = [{"id": i, "collapsed_tag": tag if i % 2 == 0 else "object", "scores": right if ok
+                 else wrong, "text": ok, "image": ok, "group": ok} for i, ok in enumerate(groups)]
     (out / f"{split}-{row}-seed{seed}.json").write_text(json.dumps({"examples": examples}))
 
 
@@ -30,7 +32,8 @@ def test_results_of_separate_invocations_are_gathered_and_replaced(tmp_path):
     assert [d["seconds"] for d in done] == [3, 2]  # the control run again replaced the first one
     other = SETTINGS | {"train_flags": "--epochs 1"}
     plan, _ = te.save_results(tmp_path, other, [("full", 1)], [{"rows": {}, "seconds": 4}])
-    assert plan == [("full", 1)]  # other settings: another table, the old one replaced (and said so)
+    # other settings: another table, the old one replaced (and said so)
+    assert plan == [("full", 1)]
     assert te.earlier_runs(tmp_path, other, [("full", 1), ("full", 2)])[0] == [("full", 1)]
     with pytest.raises(SystemExit, match="other settings"):
         te.earlier_runs(tmp_path, SETTINGS, [("full", 1)])
@@ -44,25 +47,32 @@ def test_pooled_comparison_pairs_each_seed_with_its_own_control(tmp_path):
     write_run(tmp_path, "test", "full", 1, [True, True, True, True, False])
     text = te.pooled_comparison(tmp_path, "test", "full", [0, 1])
     pooled = json.loads((tmp_path / "pooled-test-full-seeds0-1.json").read_text())["examples"]
-    assert sorted(e["id"] for e in pooled) == [0, 1, 2, 3, 4, 100_000, 100_001, 100_002, 100_003, 100_004]
-    group = compare_runs(tmp_path / "pooled-test-control-seeds0-1.json", tmp_path / "pooled-test-full-seeds0-1.json")
+    assert sorted(e["id"] for e in pooled) == [0, 1, 2, 3, 4, 100_000, 100_001, 100_002, 100_003,
+                                               100_004]
+    group = compare_runs(tmp_path / "pooled-test-control-seeds0-1.json",
+                         tmp_path / "pooled-test-full-seeds0-1.json")
     assert (group["metrics"]["group"]["only_a"], group["metrics"]["group"]["only_b"]) == (1, 2)
     attribute = compare_runs(tmp_path / "pooled-test-control-attribute-seeds0-1.json",
                              tmp_path / "pooled-test-full-attribute-seeds0-1.json")
     assert attribute["n"] == 6  # examples 0, 2, 4 of each seed
-    assert (attribute["metrics"]["group"]["only_a"], attribute["metrics"]["group"]["only_b"]) == (1, 2)
+    assert (attribute["metrics"]["group"]["only_a"],
+            attribute["metrics"]["group"]["only_b"]) == (1, 2)
     assert "full against control (test, attribute swaps, seeds [0, 1] pooled)" in text
 
 
 def test_picture_draws_each_configuration_and_its_control(tmp_path):
-    for name, flags in (("a", "--epochs 5 --trainable all"), ("b", "--epochs 5 --trainable all --mapper fitted")):
+    for name, flags in (("a", "--epochs 5 --trainable all"),
+                        ("b", "--epochs 5 --trainable all --mapper fitted")):
         out = tmp_path / name
         out.mkdir()
         write_run(out, "val", "control", 0, [False] * 10)
         write_run(out, "val", "full", 0, [True, False] * 5)
         (out / "results.json").write_text(json.dumps({"settings": SETTINGS | {"train_flags": flags},
-                                                      "plan": [["control", 0], ["full", 0]], "runs": [{}, {}]}))
-    rows = te.picture([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"], tmp_path / "m.png")
-    assert rows == [("all: control (lambda 0) (5 ep.)", [0.0, 0.0]), ("all: SDS full, lambda 1, h_w fitted (5 ep.)", [100.0]),
+                                                      "plan": [["control", 0], ["full", 0]],
+                                                      "runs": [{}, {}]}))
+    rows = te.picture([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"],
+                      tmp_path / "m.png")
+    assert rows == [("all: control (lambda 0) (5 ep.)", [0.0, 0.0]),
+                    ("all: SDS full, lambda 1, h_w fitted (5 ep.)", [100.0]),
                     ("all: SDS full, lambda 1, h_w joint (5 ep.)", [100.0])]
     assert (tmp_path / "m.png").stat().st_size > 0

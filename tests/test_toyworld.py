@@ -1,4 +1,4 @@
-"""weights/toyworld.py: its files are the official layouts, read by the references and by our
+"""weights/toyworld/: its files are the official layouts, read by the references and by our
 scripts; its data is deterministic and its splits hold what they claim; its reader, sampler
 and shipped models are what the README's checks rest on; and the whole method runs on it.
 
@@ -17,14 +17,16 @@ import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
 
-from clip import Tokenizer, load_clip
-from eval_winoground import StableDiffusion, Winoground
 from sds import NoiseSchedule, encode_prompt
-from train import CocoCaptions
-from unet import UNet, load_unet
-from vae import load_vae
+from unet import UNet
 from weights import toyworld
+from weights.coco import CocoCaptions
+from weights.networks import load_clip, load_stable_diffusion, load_tokenizer
+from weights.networks import load_unet
+from weights.networks import load_vae
+from weights.winoground import Winoground
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,8 @@ def pairing(scene: toyworld.Scene) -> frozenset:
 
 
 def test_data_is_deterministic_given_the_seed(tmp_path):
-    small = toyworld.Recipe(train_images=20, val_examples=6, test_examples=6, new_objects_examples=6)
+    small = toyworld.Recipe(train_images=20, val_examples=6, test_examples=6,
+                            new_objects_examples=6)
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         toyworld.draw_data(tmp_path / name, small, seed)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
@@ -73,26 +76,32 @@ def test_out_never_removes_a_folder_it_did_not_build(tmp_path):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "precious.txt").write_text("x")
-    for build_json in (None, "not json", "[1, 2]", '{"seed": 0}'):  # absent, not JSON, not an object, not ours
+    # absent, not JSON, not an object, not ours
+    for build_json in (None, "not json", "[1, 2]", '{"seed": 0}'):
         if build_json is not None:
             (mine / "build.json").write_text(build_json)
         with pytest.raises(SystemExit, match="is not a toy-world build .* nothing was removed"):
             toyworld.build(mine, quick=True)
         assert (mine / "precious.txt").read_text() == "x" and (mine / "sub").is_dir()
     (mine / "build.json").unlink()
-    with pytest.raises(SystemExit, match="holds files but no models.json: it is not a toy-models folder"):
-        toyworld.build(tmp_path / "data", rebuild=True, models=mine)  # --rebuild --models into a folder not ours
+    with pytest.raises(SystemExit,
+                       match="holds files but no models.json: it is not a toy-models folder"):
+        # --rebuild --models into a folder not ours
+        toyworld.build(tmp_path / "data", rebuild=True, models=mine)
     assert (mine / "precious.txt").read_text() == "x" and not (tmp_path / "data").exists()
 
 
 def test_shipped_models_are_whole_and_load():
-    """weights/toy-models: every file models.json lists, with its sha256; they load as a CLIP and an SD."""
+    """weights/toy-models: every file models.json lists, with its sha256; they load as a CLIP and an
+    SD."""
     record = json.loads((toyworld.MODELS_DIR / "models.json").read_text())
-    assert record["settings"] == {"version": toyworld.VERSION, "seed": 0, "recipe": vars(toyworld.Recipe())}
-    assert {"clip/model.safetensors", "sd/unet/diffusion_pytorch_model.safetensors"} <= set(record["sha256"])
+    assert record["settings"] == {"version": toyworld.VERSION, "seed": 0,
+                                  "recipe": vars(toyworld.Recipe())}
+    assert {"clip/model.safetensors",
+            "sd/unet/diffusion_pytorch_model.safetensors"} <= set(record["sha256"])
     toyworld.check_shipped(toyworld.MODELS_DIR)
     assert load_clip(toyworld.MODELS_DIR / "clip").config.vision.image_size == toyworld.IMAGE_SIZE
-    assert StableDiffusion.from_pretrained(toyworld.MODELS_DIR / "sd").resolution == toyworld.IMAGE_SIZE
+    assert load_stable_diffusion(toyworld.MODELS_DIR / "sd").resolution == toyworld.IMAGE_SIZE
 
 
 def test_a_damaged_shipped_file_is_named(tmp_path):
@@ -116,14 +125,17 @@ def test_train_split_shows_every_object_but_no_held_out_pairing(world):
     assert all(len(c) == toyworld.CAPTIONS_PER_IMAGE for c in data.captions)
     assert data[0][0] == (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
     train = scenes(world["train"])
-    assert {obj for s in train for obj in (s.first, s.second)} == set(toyworld.OBJECTS)  # every seen object
+    # every seen object
+    assert {obj for s in train for obj in (s.first, s.second)} == set(toyworld.OBJECTS)
     assert not {pairing(s) for s in train} & toyworld.HELD_OUT_PAIRINGS
     # At the full size, too: the scenes training draws never hold a pairing of val or test.
     rng = np.random.default_rng(0)
-    assert not {pairing(toyworld.random_scene(rng)) for _ in range(5000)} & toyworld.HELD_OUT_PAIRINGS
+    assert not {pairing(toyworld.random_scene(rng))
+                for _ in range(5000)} & toyworld.HELD_OUT_PAIRINGS
 
 
-@pytest.mark.parametrize("split, blocks", [("val", toyworld.VAL_BLOCKS), ("test", toyworld.TEST_BLOCKS),
+@pytest.mark.parametrize("split, blocks",
+                         [("val", toyworld.VAL_BLOCKS), ("test", toyworld.TEST_BLOCKS),
                                            ("new_objects", (toyworld.NEW_OBJECT_BLOCK,))])
 def test_winoground_splits(world, split, blocks):
     data = Winoground(world[split])
@@ -134,7 +146,8 @@ def test_winoground_splits(world, split, blocks):
         assert e.caption_0 != e.caption_1 and sorted(e.caption_0.split()) == sorted(e.caption_1.split())
         assert data.image(e.image_0).size == (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
     allowed = set().union(*(toyworld.pairings(block) for block in blocks))
-    assert {pairing(s) for s in scenes(world[split])} <= allowed  # each image's pairing is one of the split's
+    # each image's pairing is one of the split's
+    assert {pairing(s) for s in scenes(world[split])} <= allowed
     seen = set(toyworld.OBJECTS)
     objects = {obj for s in scenes(world[split]) for obj in (s.first, s.second)}
     assert objects <= seen if split != "new_objects" else not objects & seen
@@ -152,7 +165,8 @@ def test_swaps_change_what_the_picture_shows():
     rng = np.random.default_rng(0)
     for tag in toyworld.TAGS:
         for _ in range(20):
-            scene, swapped, caption_0, caption_1 = toyworld.swap_example(tag, toyworld.TEST_BLOCKS, rng)
+            scene, swapped, caption_0, caption_1 = toyworld.swap_example(tag, toyworld.TEST_BLOCKS,
+                                                                         rng)
             assert scene != swapped and caption_0 != caption_1
             if tag == "attribute":  # the shapes stay in place, the colours trade
                 assert (scene.first[1], scene.second[1]) == (swapped.first[1], swapped.second[1])
@@ -164,14 +178,16 @@ def test_swaps_change_what_the_picture_shows():
 def test_reader_reads_the_real_images(tmp_path):
     """The reader that judges the samples: right on ≥ 99 % of the world's own images, and it does
     tell a scene from its swap (the colours of the two halves read the other way round fail)."""
-    toyworld.write_winoground(tmp_path / "val", 240, toyworld.VAL_BLOCKS, np.random.default_rng([0, 1]))
+    toyworld.write_winoground(tmp_path / "val", 240, toyworld.VAL_BLOCKS,
+                              np.random.default_rng([0, 1]))
     examples, truth, images = toyworld.read_split(tmp_path / "val")
     names = [e[f"image_{k}"] for e in examples for k in range(2)]
     right = [toyworld.placed_right(image, truth[name]) for image, name in zip(images, names)]
     assert np.mean(right) >= 0.99
-    flipped = [{**truth[name], "first": truth[name]["second"], "second": truth[name]["first"]} for name in names]
+    flipped = [{**truth[name], "first": truth[name]["second"], "second": truth[name]["first"]}
+               for name in names]
     assert not any(toyworld.placed_right(image, scene) for image, scene in zip(images, flipped))
-    blank = toyworld.Image.new("RGB", (toyworld.IMAGE_SIZE,) * 2, (240, 240, 240))
+    blank = Image.new("RGB", (toyworld.IMAGE_SIZE,) * 2, (240, 240, 240))
     assert toyworld.read_colours(blank, "h") == (None, None)
 
 
@@ -193,16 +209,20 @@ def test_sampler_lands_on_what_the_model_predicts(world):
     sample ends there exactly (the VAE then decodes it)."""
     vae = load_vae(world["sd"] / "vae")
     text_encoder = load_clip(world["sd"] / "text_encoder")
-    tokenizer = Tokenizer.from_pretrained(world["sd"] / "tokenizer")
+    tokenizer = load_tokenizer(world["sd"] / "tokenizer")
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    images = toyworld.sample(Oracle(x0), vae, text_encoder, tokenizer, ["a red circle", "a blue square"], steps=10)
+    images = toyworld.sample(Oracle(x0), vae, text_encoder, tokenizer,
+                             ["a red circle", "a blue square"], steps=10)
     with torch.no_grad():
         assert torch.allclose(images, vae.latents_to_images(x0), atol=1e-4)
     # The real small UNet: the right shape, finite, and the same for the same seed.
     unet = load_unet(world["sd"] / "unet")
-    first = toyworld.sample(unet, vae, text_encoder, tokenizer, ["a red circle above a blue square"], steps=3)
-    again = toyworld.sample(unet, vae, text_encoder, tokenizer, ["a red circle above a blue square"], steps=3)
-    assert first.shape == (1, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE) and torch.isfinite(first).all()
+    first = toyworld.sample(unet, vae, text_encoder, tokenizer,
+                            ["a red circle above a blue square"], steps=3)
+    again = toyworld.sample(unet, vae, text_encoder, tokenizer,
+                            ["a red circle above a blue square"], steps=3)
+    assert first.shape == (1, 3, toyworld.IMAGE_SIZE,
+                           toyworld.IMAGE_SIZE) and torch.isfinite(first).all()
     assert torch.equal(first, again)
 
 
@@ -221,7 +241,7 @@ def test_unet_training_sees_the_empty_prompt(world, monkeypatch):
     train = toyworld.TrainSet.read(world["train"])
     vae = load_vae(world["sd"] / "vae")
     text_encoder = load_clip(world["sd"] / "text_encoder")
-    tokenizer = Tokenizer.from_pretrained(world["sd"] / "tokenizer")
+    tokenizer = load_tokenizer(world["sd"] / "tokenizer")
     contexts, forward = [], UNet.forward
 
     def spy(self, z, t, context):
@@ -229,7 +249,8 @@ def test_unet_training_sees_the_empty_prompt(world, monkeypatch):
         return forward(self, z, t, context)
 
     monkeypatch.setattr(UNet, "forward", spy)
-    toyworld.train_unet(train, vae, text_encoder, tokenizer, toyworld.Recipe(unet_steps=20, unet_batch=16), seed=0)
+    toyworld.train_unet(train, vae, text_encoder, tokenizer,
+                        toyworld.Recipe(unet_steps=20, unet_batch=16), seed=0)
     empty = encode_prompt(text_encoder, tokenizer, [""])[0]
     rows = torch.cat(contexts)
     share = np.mean([torch.allclose(row, empty) for row in rows])
@@ -255,28 +276,31 @@ def test_merges_rank_as_vocab_ids(world):
     for folder in (world["clip"], world["sd"] / "tokenizer"):
         vocab = json.loads((folder / "vocab.json").read_text())
         merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
-        assert merges and all(vocab["".join(line.split())] == 512 + i for i, line in enumerate(merges))
+        assert merges and all(vocab["".join(line.split())] == 512 + i
+                              for i, line in enumerate(merges))
         assert len(vocab) == 512 + len(merges) + 2  # the start and end tokens last
 
 
 def test_tokenizer_files_read_the_same_in_transformers(world):
-    ours = Tokenizer.from_pretrained(world["clip"])
+    ours = load_tokenizer(world["clip"])
     ref = transformers.CLIPTokenizer.from_pretrained(world["sd"] / "tokenizer")
     captions = [c for cs in CocoCaptions(world["train"], None).captions[:50] for c in cs]
     captions += [e.caption_0 for e in Winoground(world["test"]).examples]
     expected = ref(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(ours(captions, pad_token_id=ours.eot_id), expected)
-    assert all(len(ours.encode(word)) == 1 for word in ["red", "circle", "left", "bottom"])  # whole-word tokens
+    # whole-word tokens
+    assert all(len(ours.encode(word)) == 1 for word in ["red", "circle", "left", "bottom"])
 
 
 def test_models_load_in_the_reference_libraries(world, parity):
     g = torch.Generator().manual_seed(0)
-    clip, tokenizer = load_clip(world["clip"]), Tokenizer.from_pretrained(world["clip"])
+    clip, tokenizer = load_clip(world["clip"]), load_tokenizer(world["clip"])
     ref = transformers.CLIPModel.from_pretrained(world["clip"]).eval()
     pixels = torch.randn(2, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE, generator=g)
     ids = tokenizer(["a red circle above a blue square", "a green cross left of a yellow triangle"])
     with torch.no_grad():
-        parity("toy CLIP logits", clip(pixels, ids), ref(input_ids=ids, pixel_values=pixels).logits_per_image)
+        parity("toy CLIP logits", clip(pixels, ids),
+               ref(input_ids=ids, pixel_values=pixels).logits_per_image)
         text_encoder = load_clip(world["sd"] / "text_encoder")
         ref_text = transformers.CLIPTextModel.from_pretrained(world["sd"] / "text_encoder").eval()
         parity("toy SD text encoder", text_encoder.text_model(ids), ref_text(ids).last_hidden_state)
@@ -284,12 +308,14 @@ def test_models_load_in_the_reference_libraries(world, parity):
         vae, ref_vae = load_vae(world["sd"] / "vae"), AutoencoderKL.from_pretrained(world["sd"] / "vae").eval()
         assert vae.config.scaling_factor == pytest.approx(ref_vae.config.scaling_factor)
         images = torch.rand(2, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE, generator=g) * 2 - 1
-        parity("toy VAE encode mean", vae.encode(images).mean, ref_vae.encode(images).latent_dist.mean)
+        parity("toy VAE encode mean", vae.encode(images).mean,
+               ref_vae.encode(images).latent_dist.mean)
         latents = torch.randn(2, 4, 8, 8, generator=g)
         parity("toy VAE decode", vae.decode(latents), ref_vae.decode(latents).sample)
 
         unet, ref_unet = load_unet(world["sd"] / "unet"), UNet2DConditionModel.from_pretrained(world["sd"] / "unet")
-        context = text_encoder.text_model(tokenizer(["a red circle", ""], pad_token_id=tokenizer.eot_id))
+        context = text_encoder.text_model(tokenizer(["a red circle", ""],
+                                                    pad_token_id=tokenizer.eot_id))
         t = torch.tensor([10, 700])
         parity("toy UNet", unet(latents, t, context), ref_unet.eval()(latents, t, context).sample)
 
@@ -298,9 +324,11 @@ def test_method_runs_end_to_end(world, tmp_path):
     """train.py (the real loop: SDS-CLIP on the toy CLIP and SD) for a few steps, then both
     Winoground scorers of eval_winoground.py on its test split: every score finite."""
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "train.py", "--clip", str(world["clip"]), "--sd", str(world["sd"]),
-                    "--coco_root", str(world["train"]), "--out", str(out), "--device", "cpu", "--batch_size", "8",
-                    "--max_steps", "3", "--num_workers", "0", "--sds_weight", "1"], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "train.py", "--clip", str(world["clip"]), "--sd",
+                    str(world["sd"]), "--coco_root", str(world["train"]), "--out", str(out),
+                    "--device", "cpu", "--batch_size", "8",
+                    "--max_steps", "3", "--num_workers", "0", "--sds_weight", "1"], cwd=REPO,
+                    check=True)
     losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
     for model in (["--clip", str(out)], ["--sd", str(world["sd"]), "--timesteps", "4"]):

@@ -40,10 +40,15 @@ from torch.utils.data import DistributedSampler
 
 import train as train_py
 from test_clip import fake_cache, open_clip_model, save_open_clip
-from clip import Tokenizer, image_transform, load_clip
-from eval_winoground import Winoground, clip_scores, percentages, score_examples
+from clip import image_transform
+from eval_winoground import clip_scores, percentages, score_examples
 from sds import Mapper, NoiseSchedule
-from train import CocoCaptions, batches, get_args, main, nonfinite, step_generator, write_checkpoint
+from train import get_args, main, step_generator
+from weights import runs
+from weights.coco import CocoCaptions, batches
+from weights.networks import load_clip, load_openai_tokenizer, load_tokenizer
+from weights.runs import nonfinite, write_checkpoint
+from weights.winoground import Winoground
 
 REPO = Path(__file__).resolve().parent.parent
 OPENAI_BPE = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
@@ -65,7 +70,7 @@ BF16_LOSS_RTOL = 0.02
 
 def write_tokenizer(folder: Path) -> None:
     """vocab.json + merges.txt from OpenAI's merges, then transformers' own tokenizer files."""
-    tok = Tokenizer.from_openai_bpe(OPENAI_BPE)
+    tok = load_openai_tokenizer(OPENAI_BPE)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
     merges = sorted(tok.ranks, key=tok.ranks.get)
@@ -397,10 +402,10 @@ def test_mapper_fitted_is_the_ridge_fit_frozen_and_resumes_bit_identical(assets,
                      r"[-0-9.]+ on 2 held out; then frozen", result.stdout)
     assert "(h_w's 4,352 parameters fitted, then frozen)" in result.stdout
     # the exported h_w is the fit, untouched by training: refit it here from the source CLIP and the VAE
-    from vae import load_vae
-    from eval_winoground import sd_image_transform
-    from clip import open_image
     from sds import fit_mapper
+    from sds import sd_image_transform
+    from weights.images import open_image
+    from weights.networks import load_vae
     dataset = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE), image_size=IMAGE_SIZE)
     clip, vae = load_clip(assets / "clip"), load_vae(assets / "sd" / "vae")
     images = [open_image(f, size=IMAGE_SIZE) for f in dataset.files]
@@ -430,7 +435,7 @@ def test_resume_reads_a_checkpoint_from_before_trainable_and_mapper(tmp_path):
     args = get_args(COMMON)
     sources = {"clip": {"file": "clip.safetensors", "sha256": "0" * 64}}
     older = {k: v for k, v in vars(args).items() if k not in ("trainable", "mapper", "mapper_images")}
-    assert train_py.check_resume(tmp_path / "c", {"settings": older, "identity": sources}, args, sources) == {}
+    assert runs.check_resume(tmp_path / "c", {"settings": older, "identity": sources}, args, sources) == {}
 
 
 # ----------------------------------------------------------------------------- precision
@@ -546,29 +551,29 @@ def another(value):
 
 def test_resume_refuses_a_change_to_any_setting_outside_the_resumable_ones(tmp_path):
     # The settings a resume may change, pinned: moving one into these sets is a decision, not an edit.
-    assert train_py.RESUMABLE_CHANGES == {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every",
+    assert runs.RESUMABLE_CHANGES == {"clip", "sd", "coco_root", "out", "resume", "max_steps", "save_every",
                                           "log_every", "device", "num_workers", "skip_bad_images",
                                           "gradient_checkpointing", "winoground", "toy"}
-    assert train_py.LOGGED_CHANGES == {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
+    assert runs.LOGGED_CHANGES == {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
     args = get_args(COMMON)
     sources = {key: {"file": f"{key}.safetensors", "sha256": key * 10} for key in ("clip", "unet", "text_encoder",
                                                                                    "captions")}
     meta, path = {"settings": vars(args).copy(), "identity": sources}, tmp_path / "checkpoint.safetensors"
-    assert train_py.check_resume(path, meta, args, sources) == {}
-    defining = set(vars(args)) - train_py.RESUMABLE_CHANGES - train_py.LOGGED_CHANGES
+    assert runs.check_resume(path, meta, args, sources) == {}
+    defining = set(vars(args)) - runs.RESUMABLE_CHANGES - runs.LOGGED_CHANGES
     assert {"seed", "sds_weight", "sds_mode", "batch_size", "grad_accum", "precision", "limit_images"} <= defining
     for name, value in vars(args).items():  # every setting of the parser, one changed at a time
         changed = argparse.Namespace(**vars(args) | {name: another(value)})
         if name in defining:
             with pytest.raises(SystemExit, match=re.escape(f"--{name} {value!r} → {another(value)!r}")):
-                train_py.check_resume(path, meta, changed, sources)
+                runs.check_resume(path, meta, changed, sources)
         else:
-            expected = {name: [value, another(value)]} if name in train_py.LOGGED_CHANGES else {}
-            assert train_py.check_resume(path, meta, changed, sources) == expected, name
+            expected = {name: [value, another(value)]} if name in runs.LOGGED_CHANGES else {}
+            assert runs.check_resume(path, meta, changed, sources) == expected, name
     for key in sources:  # and every file the run trains from
         other = sources | {key: {"file": "other.safetensors", "sha256": "f" * 64}}
         with pytest.raises(SystemExit, match=f"not from other.safetensors .*resume with the same {key} file"):
-            train_py.check_resume(path, meta, args, other)
+            runs.check_resume(path, meta, args, other)
 
 
 def test_resume_refuses_another_sd_text_encoder_or_seed(assets, reference_run, tmp_path):
@@ -668,7 +673,7 @@ def test_torchrun_two_processes_matches_one(assets, reference_run, tmp_path, par
 def test_export_loads_in_transformers_and_ours(assets, reference_run, parity):
     ref = transformers.CLIPModel.from_pretrained(reference_run).eval()
     ours = load_clip(reference_run)
-    tokenizer = Tokenizer.from_pretrained(reference_run)
+    tokenizer = load_tokenizer(reference_run)
     hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(reference_run)
     captions = ["a red cup 0", "two dogs on a bike"]
     ids = tokenizer(captions)
@@ -921,7 +926,7 @@ def test_bring_your_own_weights_train_and_resume(assets, tmp_path, monkeypatch, 
 
 def winoground_percentages(clip_folder: Path, data: Winoground) -> dict:
     """eval_winoground's own CLIP scores of a checkpoint: what train.py's log must hold."""
-    model, tokenizer = load_clip(clip_folder), Tokenizer.from_pretrained(clip_folder)
+    model, tokenizer = load_clip(clip_folder), load_tokenizer(clip_folder)
     return percentages(score_examples(data.examples, clip_scores(model, tokenizer, data, data.examples)))
 
 
@@ -950,7 +955,7 @@ def test_toy_trains_on_the_toy_world_by_default(monkeypatch, tmp_path):
     from weights import toyworld
 
     paths = toyworld.build(tmp_path / "toy", quick=True)
-    monkeypatch.setattr(train_py, "build", lambda: paths)  # --toy builds weights/toy/; here a quick build
+    monkeypatch.setattr(toyworld, "build", lambda: paths)  # --toy builds weights/toy/; here a quick build
     args = get_args(["--toy"])  # the settings; main fills in the paths once the world is built
     assert (args.clip, args.sd, args.coco_root, args.winoground, args.out) == (None, None, None, None,
                                                                               train_py.TOY_OUT)

@@ -12,7 +12,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from unet import UNet, UNetConfig, load_unet
+from unet import UNet, UNetConfig
+from weights.networks import load_unet, load_unet_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -132,7 +133,7 @@ def test_full_config_has_diffusers_keys_and_shapes():
 
 def test_config_json_of_sd14_reads_as_defaults(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **SD14_CONFIG}))
-    assert UNetConfig.from_json(tmp_path / "config.json") == UNetConfig()
+    assert load_unet_config(tmp_path / "config.json") == UNetConfig()
 
 
 @pytest.mark.full

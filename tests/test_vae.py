@@ -13,7 +13,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.unets.unet_2d_blocks import AttnDownEncoderBlock2D
 from safetensors.torch import load_file, save_file
 
-from vae import FP16_WEIGHTS_NAME, VAE, WEIGHTS_NAME, DiagonalGaussian, VAEConfig, load_vae
+from vae import VAE, DiagonalGaussian, VAEConfig
+from weights.networks import FP16_WEIGHTS_NAME, WEIGHTS_NAME, load_vae, load_vae_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +152,7 @@ def test_logvar_clamped_like_diffusers(parity):
 
 def test_sd14_config_has_diffusers_keys_shapes_and_parameter_count(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SD14_VAE_CONFIG))
-    config = VAEConfig.from_json(tmp_path / "config.json")
+    config = load_vae_config(tmp_path / "config.json")
     assert config == VAEConfig()  # the defaults are SD 1.x, scaling factor 0.18215 included
     with torch.device("meta"):
         ours, ref = VAE(config), AutoencoderKL.from_config(SD14_VAE_CONFIG)

@@ -7,10 +7,11 @@
     python weights/download.py --coco weights/coco      # MS-COCO 2017 train images + captions
     python weights/download.py --winoground weights/winoground --token hf_...   # gated dataset
 
-Models land in weights/<name>/ in the Hugging Face layout that clip.py, unet.py and vae.py load
-(weights/README.md says which script needs which file). Only `.safetensors` weights are fetched,
-never `.bin` or `.ckpt`: those are Python pickles, and unpickling a file runs whatever code it
-carries, whereas a safetensors file is a JSON header plus raw tensor bytes.
+Models land in weights/<name>/ in the Hugging Face layout that weights/networks.py loads into
+clip.py, unet.py and vae.py (weights/README.md says which script needs which file). Only
+`.safetensors` weights are fetched, never `.bin` or `.ckpt`: those are Python pickles, and
+unpickling a file runs whatever code it carries, whereas a safetensors file is a JSON header plus
+raw tensor bytes.
 
 How: the hub's tree API (`{endpoint}/api/models/{repo}/tree/{revision}?recursive=true`) lists
 every file with its size and checksum: the sha256 for LFS files (`lfs.oid`), the git blob sha1
@@ -56,8 +57,8 @@ SD_NAME = "stable-diffusion-v1-4"
 SD_REPOS = {SD_NAME: "CompVis/stable-diffusion-v1-4",
             "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base"}
-# CLIPs in open_clip's layout: clip.py reads open_clip_model.safetensors, and the activation from
-# open_clip_config.json; the tokenizer files are the Hugging Face ones beside it.
+# CLIPs in open_clip's layout: load_clip reads open_clip_model.safetensors, and the activation
+# from open_clip_config.json; the tokenizer files are the Hugging Face ones beside it.
 OPEN_CLIP_REPOS = {"CLIP-ViT-B-32-laion2B-s34B-b79K": "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"}
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_config.json", "vocab.json", "merges.txt",
                    "tokenizer_config.json", "special_tokens_map.json")

@@ -9,12 +9,12 @@ both). A fine-tuned row trains once per seed (the seed sets h_w's initial weight
 order, the captions drawn, t and ε) and is scored on every split; the diffusion rows run once
 per noise seed. Each cell: mean ± standard deviation over seeds; the wall time of one run.
 
-    python tests/toy_evidence.py --splits val --rows control full --sds_weight 1   # choose on val
-    python tests/toy_evidence.py --jobs 2                                          # the README table
-    python tests/toy_evidence.py --picture matrix.png --results out/m/*/results.json  # the val matrix
+    python -m weights.toyworld.evidence --splits val --rows control full --sds_weight 1   # choose on val
+    python -m weights.toyworld.evidence --jobs 2                                          # the README table
+    python -m weights.toyworld.evidence --picture matrix.png --results out/m/*/results.json  # the val matrix
 
-A fine-tuned row takes train.py's options from --train_flags (--trainable, --mapper, --epochs, …): run
-each configuration into its own --out.
+A fine-tuned row takes train.py's options from --train_flags (--trainable, --mapper, --epochs, …):
+run each configuration into its own --out.
 
 Settings are chosen on the val split only; test and test-new-objects are for the table.
 """
@@ -34,11 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from eval_winoground import bootstrap_interval, compare_runs, format_comparison, image_correct, text_correct  # noqa: E402
-from weights.toyworld import MODELS_DIR, TAGS, TOY_DIR, TRAIN_DEFAULTS, build  # noqa: E402
-import toy_controls  # noqa: E402  (tests/: the hard-negative controls, the probes, retention)
+from eval_winoground import bootstrap_interval, compare_runs, format_comparison, image_correct, text_correct
+
+from . import probes  # the probes and retention of the CLIP rows (--mechanism)
+from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build
+from .world import TAGS
+
+# the child processes run there: train.py, eval_winoground.py
+REPO = Path(__file__).resolve().parents[2]
 
 ROWS = ("clip", "control", "full", "stopgrad", "negclip", "ceiling", "ranking", "diffusion")
 SPLITS = ("val", "test", "new_objects")
@@ -54,7 +57,8 @@ def run(command: list[str], threads: int | None) -> float:
 
 def scores(records: list[dict], image_key: str = "scores") -> dict:
     """Percentages overall and the group score per tag, from per-example 2×2 scores."""
-    credit = [(text_correct(r["scores"]), image_correct(r[image_key]), r["collapsed_tag"]) for r in records]
+    credit = [(text_correct(r["scores"]), image_correct(r[image_key]), r["collapsed_tag"])
+              for r in records]
     row = {"text": 100 * statistics.mean(t for t, _, _ in credit),
            "image": 100 * statistics.mean(i for _, i, _ in credit),
            "group": 100 * statistics.mean(t and i for t, i, _ in credit)}
@@ -71,15 +75,19 @@ def job(row: str, seed: int, args, paths: dict, out: Path, threads: int | None) 
         shutil.rmtree(folder, ignore_errors=True)
         settings = {**TRAIN_DEFAULTS, "sds_weight": 0.0 if row == "control" else args.sds_weight,
                     "sds_mode": "full" if row == "control" else row, "seed": seed}
-        seconds += run(["train.py", "--clip", str(paths["clip"]), "--sd", str(paths["sd"]), "--coco_root",
-                        str(paths["train"]), "--out", str(folder), "--device", "cpu",
-                        *(f"--{k}={v}" for k, v in settings.items()), *args.train_flags.split()], threads)
+        seconds += run(["train.py", "--clip", str(paths["clip"]), "--sd", str(paths["sd"]),
+                        "--coco_root", str(paths["train"]), "--out", str(folder), "--device", "cpu",
+                        *(f"--{k}={v}" for k, v in settings.items()), *args.train_flags.split()],
+                        threads)
         model = ["--clip", str(folder)]
-    elif row in ("negclip", "ceiling", "ranking"):  # hard negatives, or the teacher's ranking; λ = 0
+    # hard negatives, or the teacher's ranking; λ = 0
+    elif row in ("negclip", "ceiling", "ranking"):
         folder = out / f"{row}-seed{seed}"
-        seconds += run(["tests/toy_controls.py", "finetune", "--seed", str(seed), "--out", str(folder),
-                        "--clip", str(paths["clip"]), "--world", str(args.world), "--models", str(args.models),
-                        *(["--all_weights"] if row == "ceiling" else []), *(["--quick"] if args.quick else []),
+        seconds += run(["-m", "weights.toyworld.controls", "finetune", "--seed", str(seed), "--out",
+                        str(folder), "--clip", str(paths["clip"]), "--world", str(args.world),
+                        "--models", str(args.models),
+                        *(["--all_weights"] if row == "ceiling" else []),
+                        *(["--quick"] if args.quick else []),
                         *(["--ranking"] if row == "ranking" else []),
                         "--train_flags", f"--device=cpu {args.train_flags}"], threads)
         model = ["--clip", str(folder)]
@@ -89,16 +97,19 @@ def job(row: str, seed: int, args, paths: dict, out: Path, threads: int | None) 
     rows, mechanism = {}, {}
     for split in args.splits:
         result = out / f"{split}-{row}-seed{seed}.json"
-        seconds += run(["eval_winoground.py", *model, "--data", str(paths[split]), "--out", str(result)], threads)
+        seconds += run(["eval_winoground.py", *model, "--data", str(paths[split]), "--out",
+                        str(result)], threads)
         records = json.loads(result.read_text())["examples"]
         rows[split] = {row: scores(records)}
         if row == "diffusion":
             rows[split]["diffusion, image score normalised"] = scores(records, "image_scores")
-        print(f"{row} seed {seed}, {split}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[split][row].items()),
+        print(f"{row} seed {seed}, {split}: " + ", ".join(f"{k} {v:.1f}"
+                                                          for k, v in rows[split][row].items()),
               flush=True)
-        if args.mechanism and row != "diffusion" and split == args.splits[0]:  # probes, retention of the CLIP
-            mechanism[split] = {row: {**toy_controls.binding_probe(model[1], paths, split),
-                                      **toy_controls.retention(model[1], paths, split)}}
+        # probes, retention of the CLIP
+        if args.mechanism and row != "diffusion" and split == args.splits[0]:
+            mechanism[split] = {row: {**probes.binding_probe(model[1], paths, split),
+                                      **probes.retention(model[1], paths, split)}}
     return {"rows": rows, "mechanism": mechanism, "seconds": seconds}
 
 
@@ -111,7 +122,8 @@ def table(split: str, plan: list, done: list, part: str = "rows") -> str:
     if not runs:
         return ""
     columns = list(next(iter(runs.values()))[0])
-    lines = ["| row | " + " | ".join(columns) + " | seconds per run |", "| --- |" + " --- |" * (len(columns) + 1)]
+    lines = ["| row | " + " | ".join(columns) + " | seconds per run |",
+             "| --- |" + " --- |" * (len(columns) + 1)]
     for name, values in runs.items():
         cells = []
         for column in columns:
@@ -133,10 +145,12 @@ def label(settings: dict, row: str) -> str:
     return f"{trainable}: {what}{mapper} ({option('--epochs', TRAIN_DEFAULTS['epochs'])} ep.)"
 
 
-def picture(results_files: list[Path], file: Path, split: str = "val", tag: str = "attribute") -> list[tuple]:
-    """A PNG: the `tag` group score on `split` of every run in the results files (a dot per seed, a bar at
-    the mean), each beside its control's band (the same trainable set, λ = 0: the 95 % bootstrap interval
-    over the split's examples of that tag, seed 0, and every control seed's dot). Returns the rows drawn."""
+def picture(results_files: list[Path], file: Path, split: str = "val",
+            tag: str = "attribute") -> list[tuple]:
+    """A PNG: the `tag` group score on `split` of every run in the results files (a dot per seed, a
+    bar at the mean), each beside its control's band (the same trainable set, λ = 0: the 95 %
+    bootstrap interval over the split's examples of that tag, seed 0, and every control seed's dot).
+    Returns the rows drawn."""
     from PIL import Image, ImageDraw  # noqa: PLC0415 (only the picture needs it)
 
     rows = {}  # label → (trainable, [per seed: group credits of the tag's examples])
@@ -150,14 +164,17 @@ def picture(results_files: list[Path], file: Path, split: str = "val", tag: str 
             credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
                        if r["collapsed_tag"] == tag]
             name = label(results["settings"], row)
-            group = name.split(":")[0] + name[name.rindex(" ("):]  # the trainable set and the epochs
+            # the trainable set and the epochs
+            group = name.split(":")[0] + name[name.rindex(" ("):]
             rows.setdefault(name, (group, []))[1].append(credits)
     if not rows:
-        raise SystemExit(f"toy_evidence.py: no {split} runs in {[str(f) for f in results_files]}")
+        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in {[str(f) for f in results_files]}")
     bands = {trainable: (100 * bootstrap_interval(np.array(runs[0], dtype=float)), runs)
              for name, (trainable, runs) in rows.items() if "control" in name}
     sets = ["layernorm", "image", "all"]
-    order = sorted(rows, key=lambda n: (sets.index(n.split(":")[0]) if n.split(":")[0] in sets else 3, rows[n][0],
+    order = sorted(rows,
+                   key=lambda n: (sets.index(n.split(":")[0]) if n.split(":")[0] in sets else 3,
+                                  rows[n][0],
                                         "control" not in n, n))
     top = max(100 * float(np.mean(c)) for _, runs in rows.values() for c in runs)
     scale_max = min(100, 10 * math.ceil((top + 5) / 10))
@@ -168,7 +185,8 @@ def picture(results_files: list[Path], file: Path, split: str = "val", tag: str 
     for tick in range(0, scale_max + 1, 10):
         pen.line([(x(tick), 30), (x(tick), height)], fill=(225, 225, 225))
         pen.text((x(tick) - 6, height + 4), str(tick), fill="black")
-    pen.text((8, 8), f"{split}: {tag} group (%), a dot per seed, the bar their mean; grey: the control's "
+    pen.text((8, 8),
+             f"{split}: {tag} group (%), a dot per seed, the bar their mean; grey: the control's "
              f"95 % interval", fill="black")
     for i, name in enumerate(order):
         y = 40 + row_h * i
@@ -187,27 +205,37 @@ def picture(results_files: list[Path], file: Path, split: str = "val", tag: str 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=["test", "new_objects"],
                    help="the splits to score (choose settings on val)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning / noise seeds")
-    p.add_argument("--rows", nargs="+", choices=ROWS, default=["clip", "control", "full", "diffusion"],
-                   help="which rows to run")
-    p.add_argument("--sds_weight", type=float, default=TRAIN_DEFAULTS["sds_weight"], help="λ of the SDS rows")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="fine-tuning / noise seeds")
+    p.add_argument("--rows", nargs="+", choices=ROWS,
+                   default=["clip", "control", "full", "diffusion"], help="which rows to run")
+    p.add_argument("--sds_weight", type=float, default=TRAIN_DEFAULTS["sds_weight"],
+                   help="λ of the SDS rows")
     p.add_argument("--timesteps", type=int, default=100, help="diffusion score: timesteps per pair")
-    p.add_argument("--train_flags", default="", help="extra train.py flags for every fine-tuned row")
+    p.add_argument("--train_flags", default="",
+                   help="extra train.py flags for every fine-tuned row")
     p.add_argument("--mechanism", action="store_true",
                    help="also the probes and retention of every CLIP row, on the first of --splits")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one thread when more than 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (each on one thread when more than 1)")
     p.add_argument("--out", default="out/toy-evidence", help="runs and results.json")
-    p.add_argument("--world", help="the toy world's data folder, drawn there if missing (default: weights/toy, or "
+    p.add_argument("--world",
+                   help="the toy world's data folder, drawn there if missing (default: weights/toy, or "
                                    "out/toy-quick with --quick)")
-    p.add_argument("--models", default=str(MODELS_DIR), help="the toy world's models (default: the shipped ones)")
-    p.add_argument("--quick", action="store_true", help="the --quick world (a check of this script, not evidence)")
-    p.add_argument("--tables_only", action="store_true", help="no run: the tables and comparisons of the runs "
+    p.add_argument("--models", default=str(MODELS_DIR),
+                   help="the toy world's models (default: the shipped ones)")
+    p.add_argument("--quick", action="store_true",
+                   help="the --quick world (a check of this script, not evidence)")
+    p.add_argument("--tables_only", action="store_true",
+                   help="no run: the tables and comparisons of the runs "
                    "already in --out's results.json (seeds run apart, say)")
     p.add_argument("--picture", help="draw this PNG from --results (no run)")
-    p.add_argument("--results", nargs="+", default=[], help="results.json files of earlier runs, for --picture")
+    p.add_argument("--results", nargs="+", default=[],
+                   help="results.json files of earlier runs, for --picture")
     args = p.parse_args()
     if args.picture:
         split = args.splits[0] if args.splits != ["test", "new_objects"] else "val"
@@ -236,44 +264,52 @@ def main() -> None:
     for split in args.splits:
         print(f"\n{split} split\n" + table(split, plan, done))
         if args.mechanism:
-            print(f"\n{split} split: probes and retention\n" + table(split, plan, done, "mechanism"))
+            print(f"\n{split} split: probes and retention\n" + table(split, plan, done,
+                                                                     "mechanism"))
         if split == args.splits[0] and (gradients := gradient_table(out, plan)):
             print("\nwhat each term sends to f_φ(x) (train.py's log.jsonl)\n" + gradients)
         for row in sorted({row for row, _ in plan} - {"control", "clip", "diffusion"}):
-            seeds = sorted(s for r, s in plan if r == row and ("control", s) in plan)  # paired runs only
+            # paired runs only
+            seeds = sorted(s for r, s in plan if r == row and ("control", s) in plan)
             if seeds:
                 print("\n" + pooled_comparison(out, split, row, seeds))
 
 
 def gradient_table(out: Path, plan: list) -> str:
-    """What each loss term sent to CLIP's image embedding in every train.py run of the table (log.jsonl):
-    ‖∂L_CLIP/∂f‖ and ‖∂(λ·L_SDS)/∂f‖, the mean over the first and the last tenth of the steps, and L_SDS."""
+    """What each loss term sent to CLIP's image embedding in every train.py run of the table
+    (log.jsonl): ‖∂L_CLIP/∂f‖ and ‖∂(λ·L_SDS)/∂f‖, the mean over the first and the last tenth of the
+    steps, and L_SDS."""
     lines = ["| row, seed | ‖∂L_CLIP/∂f‖ first → last tenth | ‖∂(λ·L_SDS)/∂f‖ first → last tenth | ratio (mean) | "
              "L_SDS first → last tenth |", "| --- | --- | --- | --- | --- |"]
     for row, seed in plan:
         log = out / f"{row}-seed{seed}" / "log.jsonl"
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        records = [json.loads(line)
+                   for line in log.read_text().splitlines()] if log.is_file() else []
         records = [r for r in records if "sds_grad_norm" in r]
         if not records:
             continue
         tenth = max(1, len(records) // 10)
 
         def span(key: str) -> str:
-            first, last = (statistics.mean(r[key] for r in part) for part in (records[:tenth], records[-tenth:]))
+            first, last = (statistics.mean(r[key] for r in part)
+                           for part in (records[:tenth], records[-tenth:]))
             return f"{first:.3g} → {last:.3g}"
 
         clip_mean = statistics.mean(r["clip_grad_norm"] for r in records)
-        ratio = statistics.mean(r["sds_grad_norm"] for r in records) / clip_mean if clip_mean else math.nan
+        ratio = statistics.mean(r["sds_grad_norm"]
+                                for r in records) / clip_mean if clip_mean else math.nan
         lines.append(f"| {row}, {seed} | {span('clip_grad_norm')} | {span('sds_grad_norm')} | {ratio:.3g} | "
                      f"{span('sds_loss')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def save_results(out: Path, settings: dict, plan: list, done: list) -> tuple[list, list]:
-    """results.json gathers the runs of every invocation with the same --out and settings (a (row, seed) run
-    again replaces the earlier one), so that seeds run apart make one table; returns all its runs."""
+    """results.json gathers the runs of every invocation with the same --out and settings (a (row,
+    seed) run again replaces the earlier one), so that seeds run apart make one table; returns all
+    its runs."""
     file = out / "results.json"
-    with open(out / "results.json.lock", "w") as lock:  # invocations running side by side take turns here
+    # invocations running side by side take turns here
+    with open(out / "results.json.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return merge_results(file, settings, plan, done)
 
@@ -282,37 +318,44 @@ def merge_results(file: Path, settings: dict, plan: list, done: list) -> tuple[l
     runs = {}
     if file.is_file():
         earlier = json.loads(file.read_text())
-        if {k: v for k, v in earlier["settings"].items() if k in SAME} == {k: settings[k] for k in SAME}:
+        if {k: v for k, v in earlier["settings"].items() if k in SAME} == {k: settings[k]
+                                                                           for k in SAME}:
             runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])}
         else:
-            print(f"toy_evidence.py: {file} was written with other settings; it is replaced", file=sys.stderr)
+            print(f"weights.toyworld.evidence: {file} was written with other settings; it is replaced", file=sys.stderr)
     runs |= {tuple(rs): result for rs, result in zip(plan, done)}
-    results = {"settings": settings, "train_defaults": TRAIN_DEFAULTS, "plan": list(runs), "runs": list(runs.values())}
+    results = {"settings": settings, "train_defaults": TRAIN_DEFAULTS, "plan": list(runs),
+               "runs": list(runs.values())}
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(file)
     return list(runs), list(runs.values())
 
 
-SAME = ("sds_weight", "timesteps", "train_flags", "world", "models", "quick")  # what makes runs of one table
+# what makes runs of one table
+SAME = ("sds_weight", "timesteps", "train_flags", "world", "models", "quick")
 
 
 def earlier_runs(out: Path, settings: dict, plan: list) -> tuple[list, list]:
-    """--tables_only: the runs of results.json in --out (written with these settings) that --rows and --seeds name."""
+    """--tables_only: the runs of results.json in --out (written with these settings) that --rows
+    and --seeds name."""
     file = out / "results.json"
     if not file.is_file():
-        raise SystemExit(f"toy_evidence.py: --tables_only: {file} not found; run without --tables_only first")
+        raise SystemExit(f"weights.toyworld.evidence: --tables_only: {file} not found; run without --tables_only first")
     earlier = json.loads(file.read_text())
-    if {k: v for k, v in earlier["settings"].items() if k in SAME} != {k: settings[k] for k in SAME}:
-        raise SystemExit(f"toy_evidence.py: {file} was written with other settings than these ({', '.join(SAME)})")
-    runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"]) if tuple(rs) in set(plan)}
+    if {k: v for k, v in earlier["settings"].items() if k in SAME} != {k: settings[k]
+                                                                       for k in SAME}:
+        raise SystemExit(f"weights.toyworld.evidence: {file} was written with other settings than these ({', '.join(SAME)})")
+    runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])
+            if tuple(rs) in set(plan)}
     return list(runs), list(runs.values())
 
 
 def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
-    """`row` against the control, each seed's examples pooled (seed s, example i → id 100,000·s + i: a pair is
-    one seed's control and row on one example), overall and on the attribute swaps alone; the pooled files are
-    written beside the runs, so `eval_winoground.py --compare` prints the same lines."""
+    """`row` against the control, each seed's examples pooled (seed s, example i → id 100,000·s + i:
+    a pair is one seed's control and row on one example), overall and on the attribute swaps alone;
+    the pooled files are written beside the runs, so `eval_winoground.py --compare` prints the same
+    lines."""
     lines = []
     for tag in (None, "attribute"):
         files = []
@@ -320,7 +363,8 @@ def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
             examples = []
             for seed in seeds:
                 records = json.loads((out / f"{split}-{name}-seed{seed}.json").read_text())["examples"]
-                examples += [r | {"id": 100_000 * seed + r["id"]} for r in records if tag in (None, r["collapsed_tag"])]
+                examples += [r | {"id": 100_000 * seed + r["id"]} for r in records
+                             if tag in (None, r["collapsed_tag"])]
             files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}-seeds{'-'.join(map(str, seeds))}.json")
             files[-1].write_text(json.dumps({"examples": examples}) + "\n")
         what = f"{split}, {'every example' if tag is None else tag + ' swaps'}, seeds {seeds} pooled"

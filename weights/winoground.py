@@ -1,0 +1,260 @@
+"""Winoground on disk: the examples and their images from a local copy of facebook/winoground
+(examples.jsonl + images/ or images.zip, or parquet), and the per-example credits of a run that
+eval_winoground.py saved with --out."""
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+from PIL import Image
+
+from weights.images import open_image
+
+
+FIELDS = {"id": int, "image_0": str, "image_1": str, "caption_0": str, "caption_1": str,
+          "tag": str, "secondary_tag": str, "num_main_preds": int, "collapsed_tag": str}
+# examples.jsonl names images without extension: "ex_0_img_0" → images/ex_0_img_0.png
+IMAGE_EXTENSION = ".png"
+# an images.zip member may inflate to this: 9 × the pixels of a 1920 × 1280 RGB image
+MAX_IMAGE_FILE_BYTES = 1 << 26
+METRICS = ("text", "image", "group")  # the credits of an example
+
+
+@dataclass
+class Example:
+    id: int
+    image_0: str  # the image's name ("ex_0_img_0"); Winoground.images() opens it
+    image_1: str
+    caption_0: str
+    caption_1: str
+    tag: str
+    secondary_tag: str
+    num_main_preds: int
+    collapsed_tag: str
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether a file name read from a dataset points outside the folder it is looked up in
+    ("/etc/…", "../…", "C:\\…"); PureWindowsPath splits at both / and \\."""
+    parts = PureWindowsPath(name)
+    return bool(PurePosixPath(name).is_absolute() or parts.anchor or ".." in parts.parts)
+
+
+def _check_fields(record: dict, where: str) -> None:
+    """The nine Winoground fields with the right types, or a ValueError naming `where`."""
+    missing = [name for name in FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"{where} lacks the field(s) {missing}; every Winoground example has "
+                         f"{list(FIELDS)}")
+    for name, kind in FIELDS.items():
+        value = record[name]
+        # parquet: {"bytes": …, "path": …}
+        if name.startswith("image_") and isinstance(value, dict):
+            continue
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"{where}: field {name!r} should be an integer, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ValueError(f"{where}: field {name!r} should be a string, got {value!r}")
+        # an image name is looked up inside images/
+        if name.startswith("image_") and leaves_folder(value):
+            raise ValueError(f"{where}: {name} {value!r} is an absolute path or goes up with '..'; "
+                             f"Winoground names its images like 'ex_0_img_0', files inside images/")
+
+
+class Winoground:
+    """The examples and their images from a local copy of facebook/winoground.
+
+    `path` is the dataset folder or its data/ subfolder, holding examples.jsonl with images/
+    (ex_0_img_0.png, …) or images.zip, or parquet files; or examples.jsonl or a .parquet file.
+    Every image is checked to exist up front, so a broken copy fails before any model loads."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Winoground not found at {path}: it is gated on the Hugging "
+                                    f"Face hub, so accept its terms at "
+                                    f"https://huggingface.co/datasets/facebook/winoground, "
+                                    f"then run `python weights/download.py --winoground {path} "
+                                    f"--token hf_...`, or pass --data")
+        self.root, self.zip, self.image_bytes = None, None, {}
+        if path.name == "examples.jsonl":
+            path = path.parent
+        folder = next((f for f in (path, path / "data") if (f / "examples.jsonl").is_file()), None)
+        if folder is not None:
+            self.examples = self._read_jsonl(folder / "examples.jsonl")
+            self._open_images(folder)
+        else:
+            files = ([path] if path.is_file() and path.suffix == ".parquet"
+                     else sorted(path.rglob("*.parquet")))
+            if not files:
+                raise FileNotFoundError(f"{path} holds no examples.jsonl (nor data/examples.jsonl) "
+                                        f"and no parquet files: point --data to a copy of "
+                                        f"facebook/winoground")
+            self.examples = self._read_parquet(files)
+        ids = [e.id for e in self.examples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: example ids repeat ({len(ids) - len(set(ids))} duplicates); "
+                             f"the copy looks corrupt")
+
+    @staticmethod
+    def _read_jsonl(file: Path) -> list[Example]:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file} is not UTF-8 text (byte {err.start} cannot be decoded: "
+                             f"{err.reason}); download the dataset again") from None
+        examples = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file} line {number} is not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{file} line {number} is not a JSON object")
+            _check_fields(record, f"{file} line {number}")
+            examples.append(Example(**{k: record[k] for k in FIELDS}))
+        if not examples:
+            raise ValueError(f"{file} holds no examples")
+        return examples
+
+    def _open_images(self, folder: Path) -> None:
+        names = [name for e in self.examples for name in (e.image_0, e.image_1)]
+        if (folder / "images").is_dir():
+            self.root = folder / "images"
+            missing = [n for n in names if not (self.root / self._file_name(n)).is_file()]
+            where = self.root
+        elif (folder / "images.zip").is_file():
+            self.zip = folder / "images.zip"
+            try:
+                with zipfile.ZipFile(self.zip) as archive:
+                    # The official zip holds images/ex_0_img_0.png …; look images up by file name
+                    # only.
+                    infos = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
+            except zipfile.BadZipFile:
+                raise ValueError(f"{self.zip} is not a readable zip file; "
+                                 f"download it again") from None
+            self.members = {name: info.filename for name, info in infos.items()}
+            missing = [n for n in names if self._file_name(n) not in self.members]
+            huge = [infos[f] for f in map(self._file_name, names)
+                    if f in infos and infos[f].file_size > MAX_IMAGE_FILE_BYTES]
+            if huge:
+                raise ValueError(f"{self.zip}: {huge[0].filename} inflates to "
+                                 f"{huge[0].file_size:,} bytes, more than any image file (the "
+                                 f"limit is {MAX_IMAGE_FILE_BYTES:,}); download the dataset again")
+            where = folder / "images.zip"
+        else:
+            raise FileNotFoundError(f"{folder} has examples.jsonl but neither images/ nor "
+                                    f"images.zip; download the images of facebook/winoground too")
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) of {folder / 'examples.jsonl'} not "
+                                    f"found in {where}: "
+                                    f"{', '.join(self._file_name(n) for n in missing[:10])}")
+
+    def _read_parquet(self, files: list[Path]) -> list[Example]:
+        try:
+            import pyarrow.parquet as pq  # optional: only this layout needs it
+        except ImportError:
+            raise ImportError(f"{files[0]} is a parquet file and reading it needs pyarrow "
+                              f"(`pip install pyarrow`); or use the examples.jsonl + images.zip "
+                              f"layout of facebook/winoground") from None
+        examples = []
+        for file in files:
+            try:
+                rows = pq.read_table(file).to_pylist()
+            except Exception as err:  # pyarrow raises its own error types for a bad file
+                raise ValueError(f"{file} is not a readable parquet file ({err})") from None
+            for number, record in enumerate(rows):
+                where = f"{file} row {number}"
+                _check_fields(record, where)
+                fields = {k: record[k] for k in FIELDS}
+                for key in ("image_0", "image_1"):
+                    image = record[key]
+                    if not isinstance(image, dict) or not image.get("bytes"):
+                        raise ValueError(f"{where}: {key} holds no image bytes")
+                    fields[key] = f"{record['id']}/{key}"
+                    self.image_bytes[fields[key]] = image["bytes"]
+                examples.append(Example(**fields))
+        return examples
+
+    @staticmethod
+    def _file_name(name: str) -> str:
+        return name if Path(name).suffix else name + IMAGE_EXTENSION
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    def image(self, name: str, size: int | None = None) -> Image.Image:
+        """The decoded image; with `size` (the side the preprocessing resizes to) a large one is
+        decoded reduced."""
+        if name in self.image_bytes:
+            source, where = io.BytesIO(self.image_bytes[name]), f"parquet image {name}"
+        elif self.zip is not None:
+            member = self.members[self._file_name(name)]
+            where = f"{self.zip}:{member}"
+            # Opened per image (it costs about a millisecond): an open ZipFile shares its file
+            # position with the DataLoader's forked workers and they would read each other's bytes.
+            try:
+                with zipfile.ZipFile(self.zip) as archive, archive.open(member) as file:
+                    # bounded: the size a zip lists can lie
+                    data = file.read(MAX_IMAGE_FILE_BYTES + 1)
+            except zipfile.BadZipFile as err:  # a bad CRC, say
+                raise ValueError(f"{where} cannot be read ({err}); "
+                                 f"download the dataset again") from None
+            if len(data) > MAX_IMAGE_FILE_BYTES:
+                raise ValueError(f"{where} inflates to more than {MAX_IMAGE_FILE_BYTES:,} bytes, "
+                                 f"more than any image file; download the dataset again")
+            source = io.BytesIO(data)
+        else:
+            source = where = self.root / self._file_name(name)
+        try:
+            return open_image(source, where, size)
+        except ValueError as err:  # unreadable, or too large to decode safely
+            raise ValueError(f"{err}; download the dataset again") from None
+
+    def images(self, example: Example, size: int | None = None) -> tuple[Image.Image, Image.Image]:
+        return self.image(example.image_0, size), self.image(example.image_1, size)
+
+
+class ImagePairs(torch.utils.data.Dataset):
+    """Example n → its two images, preprocessed, (2, 3, S, S). Served by a DataLoader so that
+    decoding and resizing (Winoground's PNGs are up to 1920 × 1280, about 0.2 s each on one
+    core) run in worker processes while the model works."""
+
+    def __init__(self, data: "Winoground", examples: list[Example], transform, size: int):
+        self.data, self.examples, self.transform, self.size = data, examples, transform, size
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, n: int) -> torch.Tensor:
+        return torch.stack([self.transform(image)
+                            for image in self.data.images(self.examples[n], self.size)])
+
+
+def read_run(path: str | Path) -> dict[int, list[bool]]:
+    """The text, image and group credits of each example of a run saved with --out, by example
+    id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --compare takes two results files written "
+                                f"with --out")
+    try:
+        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not written by this script
+        raise ValueError(f"{path} is not a results file of eval_winoground.py --out "
+                         f"({type(err).__name__}: {err})") from None
+    flags = [credit for example in credits.values() for credit in example]
+    if (not credits or len(credits) != len(examples)
+            or not all(isinstance(credit, bool) for credit in flags)):
+        raise ValueError(f"{path} holds no examples, repeats an example id or has credits that "
+                         f"are not true/false: write it again with eval_winoground.py --out")
+    return credits
