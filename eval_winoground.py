@@ -347,6 +347,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="processes that decode and resize images "
                                                     "(default: 4 with CUDA, 0 on a CPU, whose "
                                                     "cores the model already uses)")
+    add_score_options(parser)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def add_score_options(parser: argparse.ArgumentParser) -> None:
+    """The diffusion score's settings, the precision, the intervals and --compare."""
     parser.add_argument("--timesteps", type=int, default=20,
                         help="SD: number of timesteps t_k = ⌊(k+½)·1000/N⌋ (20 → 25, 75, …, 975)")
     parser.add_argument("--seed", type=int, default=0, help="SD: seed of the noise")
@@ -367,9 +375,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="instead of scoring: B − A of two runs saved with --out, on the same "
                              "examples, with a paired bootstrap 95 %% interval and McNemar's exact "
                              "p-value")
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    return args
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
