@@ -552,9 +552,9 @@ def test_non_finite_weights_are_named(good_folder, dtype):
     state["vision_model.encoder.layers.1.mlp.fc2.weight"][3, 5] = float("inf")
     state["text_model.final_layer_norm.bias"][7] = float("nan")
     save_file(state, file)
-    with pytest.raises(ValueError, match=r"model.safetensors holds NaN or infinite values in "
+    with pytest.raises(ValueError, match=r"model.safetensors holds NaN or infinite values in 2 tensor\(s\) \["
                                          r"text_model.final_layer_norm.bias, "
-                                         r"vision_model.encoder.layers.1.mlp.fc2.weight; the file is damaged"):
+                                         r"vision_model.encoder.layers.1.mlp.fc2.weight\]; the file is damaged"):
         load_clip(good_folder)
 
 

@@ -849,7 +849,7 @@ def test_non_finite_weights_or_scores_are_errors(tmp_path, winoground, clip_fold
     done = run_script("--clip", str(nan), "--data", str(winoground), "--limit", "2")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip() == (f"error: {nan / 'model.safetensors'} holds NaN or infinite values in "
-                                   f"visual_projection.weight; the file is damaged or was saved from a run that "
+                                   f"1 tensor(s) [visual_projection.weight]; the file is damaged or was saved from a run that "
                                    f"diverged — download it again or use an earlier checkpoint")
     huge = copy_with(clip_folder, tmp_path / "huge", lambda s: s["visual_projection.weight"].fill_(3e38))
     with pytest.raises(ValueError, match=rf"CLIP {huge} gives NaN or infinite scores for 2 of 2 examples \(ids 0, 1\)"

@@ -281,7 +281,7 @@ def test_non_finite_weights_are_named(tmp_path):
     state = {k: v.half() for k, v in load_file(tmp_path / WEIGHTS).items()}
     state["up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"][5, 5] = float("inf")
     save_file(state, tmp_path / WEIGHTS)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS} holds NaN or infinite values in 1 tensors "
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} holds NaN or infinite values in 1 tensor\(s\) "
                                          r"\[up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight\]; the file "
                                          r"is damaged"):
         load_unet(tmp_path)
@@ -293,7 +293,7 @@ def test_values_that_overflow_the_requested_dtype_are_not_blamed_on_the_file(tmp
     state["conv_in.bias"][0] = 1e6  # finite in float32, beyond float16's 65504
     save_file(state, tmp_path / WEIGHTS)
     assert load_unet(tmp_path).conv_in.bias[0] == 1e6
-    with pytest.raises(ValueError, match=rf"{WEIGHTS} has values beyond the range of torch.float16 in 1 tensors "
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} has values beyond the range of torch.float16 in 1 tensor\(s\) "
                                          r"\[conv_in.bias\]; load it in torch.float32 or torch.bfloat16"):
         load_unet(tmp_path, dtype=torch.float16)
 

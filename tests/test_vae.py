@@ -306,7 +306,7 @@ def test_non_finite_weights_are_named(tmp_path, small):
     save_file(state_dict, tmp_path / WEIGHTS_NAME)
     (tmp_path / "config.json").write_text((small[2] / "config.json").read_text())
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors holds NaN or infinite values in 2 "
-                                         r"tensors \[decoder.mid_block.attentions.0.to_v.bias, "
+                                         r"tensor\(s\) \[decoder.mid_block.attentions.0.to_v.bias, "
                                          r"encoder.conv_in.weight\]; the file is damaged"):
         load_vae(tmp_path)
 

@@ -284,19 +284,19 @@ def _build_and_load(config: CLIPConfig, state: dict[str, torch.Tensor], file: Pa
     return model
 
 
-def _check_finite(model: CLIP, state: dict[str, torch.Tensor], file: Path,
+def _check_finite(model: torch.nn.Module, state: dict[str, torch.Tensor], file: Path,
                   dtype: torch.dtype) -> None:
     """Refuse NaN or infinite values: checked where the tensors now are (on a GPU it takes
     milliseconds), and only then against the file, to tell a damaged file from values that
     overflow `dtype`."""
     bad = _non_finite(model.state_dict())
     if bad and _non_finite({k: state[k] for k in bad}):
-        raise ValueError(f"{file} holds NaN or infinite values in {_first(bad)}; the file is "
-                         f"damaged or was saved from a run that diverged — download it again or "
-                         f"use an earlier checkpoint")
+        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensor(s) "
+                         f"[{_first(bad)}]; the file is damaged or was saved from a run that "
+                         f"diverged — download it again or use an earlier checkpoint")
     if bad:
-        raise ValueError(f"{file} has values beyond the range of {dtype} in {_first(bad)}; load it "
-                         f"in torch.float32 or torch.bfloat16")
+        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensor(s) "
+                         f"[{_first(bad)}]; load it in torch.float32 or torch.bfloat16")
 
 
 def _open_clip_config(folder: Path) -> tuple[str | None, tuple[int, int] | None]:
@@ -602,16 +602,7 @@ def _load_part(part: _Part, path: Path, device, dtype):
     _check_keys_and_shapes(part, model, state_dict, file, described)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype, memory_format=CHANNELS_LAST).eval()
-    # Checked where the tensors now are (on a GPU it takes milliseconds), and only then against the
-    # file, to tell a damaged file from values that overflow `dtype`.
-    bad = _non_finite(model.state_dict())
-    if bad and _non_finite({k: state_dict[k] for k in bad}):
-        raise ValueError(f"{file} holds NaN or infinite values in {len(bad)} tensors "
-                         f"[{_first(bad)}]; the file is damaged or was saved from a run that "
-                         f"diverged: {DOWNLOAD_HINT} to fetch it again.")
-    if bad:
-        raise ValueError(f"{file} has values beyond the range of {dtype} in {len(bad)} tensors "
-                         f"[{_first(bad)}]; load it in torch.float32 or torch.bfloat16.")
+    _check_finite(model, state_dict, file, dtype)
     return model
 
 
