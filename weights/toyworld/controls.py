@@ -63,13 +63,14 @@ def hard_negative(caption: str) -> list[str]:
     shape."""
     phrases = list(NOUN_PHRASE.finditer(caption))
     if len(phrases) != 2:
-        raise ValueError(f"hard_negative: {caption!r} does not name two objects as '(a|the) <colour> <shape>': "
-                         f"it is not a caption of the toy world's grammar")
+        raise ValueError(f"hard_negative: {caption!r} does not name two objects as "
+                         f"'(a|the) <colour> <shape>': it is not a caption of the toy world's "
+                         f"grammar")
     first, second = phrases
 
     def rewrite(new_first: str, new_second: str) -> str:
-        return (caption[: first.start()] + new_first + caption[first.end(): second.start()] + new_second
-                + caption[second.end():])
+        return (caption[: first.start()] + new_first + caption[first.end(): second.start()]
+                + new_second + caption[second.end():])
 
     (a1, c1, s1), (a2, c2, s2) = first.groups(), second.groups()
     attribute = rewrite(f"{a1} {c2} {s1}", f"{a2} {c1} {s2}")
@@ -113,7 +114,8 @@ def teacher_errors(sd: StableDiffusion, pixels: torch.Tensor, captions: list[lis
     32): (N, K), the mean over `timesteps` grid timesteps of ‖ε_θ(z_t, t, c) − ε‖² / (C·H·W), the
     noise shared by the captions of an image (drawn image after image from `seed`), so that they
     differ in caption only."""
-    grid, generator, schedule = timestep_grid(timesteps), torch.Generator().manual_seed(seed), NoiseSchedule()
+    grid, generator, schedule = (timestep_grid(timesteps), torch.Generator().manual_seed(seed),
+                                 NoiseSchedule())
     errors = []
     for chunk in tqdm(range(0, len(pixels), 32), desc="teacher ranking", unit="×32 images"):
         images, texts = pixels[chunk: chunk + 32], captions[chunk: chunk + 32]
@@ -231,7 +233,8 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"weights.toyworld.controls: {err}") from None
 
-    # what is trained: train.py's --trainable (LayerNorms by default) or, for the ceiling, every weight
+    # what is trained: train.py's --trainable (LayerNorms by default) or, for the ceiling, every
+    # weight
     train.set_trainable(clip, "all" if all_weights else args.trainable, args.image_layernorms_only)
     trainable = [p for p in clip.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=train.ADAM_BETAS,
@@ -252,22 +255,25 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     n_trainable = sum(p.numel() for p in trainable)
     n_frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
     what = train.TRAINABLE["all" if all_weights else args.trainable]
-    negatives = "2 hard negatives per caption (attribute and object swap)" if hard_negatives else "no hard negatives"
+    negatives = ("2 hard negatives per caption (attribute and object swap)" if hard_negatives
+                 else "no hard negatives")
     if ranking:
-        if [cs[0] for cs in ranking["captions"]] != [cs[0]
-                                                     for cs in dataset.captions[: len(ranking["captions"])]]:
-            raise SystemExit(f"weights.toyworld.controls: the teacher's ranking was computed on other images "
-                             f"than the first {len(ranking['captions']):,} of {args.coco_root}: delete its cache "
-                             f"and rerun")
+        if ([cs[0] for cs in ranking["captions"]]
+                != [cs[0] for cs in dataset.captions[: len(ranking["captions"])]]):
+            raise SystemExit(f"weights.toyworld.controls: the teacher's ranking was computed on "
+                             f"other images than the first {len(ranking['captions']):,} of "
+                             f"{args.coco_root}: delete its cache and rerun")
         diffusion = torch.tensor(ranking["errors"], dtype=torch.float64)
         temperature = fit_temperature(diffusion)
         teacher = F.softmax(-diffusion / temperature, dim=-1).float()  # p_T(c | x), (count, 3)
         right = 100 * (teacher.argmax(-1) == 0).double().mean().item()
-        negatives += (f"; the teacher's ranking of {len(teacher):,} images' caption and its 2 swaps, temperature "
-                      f"{temperature:.3g} (its top caption the true one on {right:.1f} %), weight {ranking_weight}")
+        negatives += (f"; the teacher's ranking of {len(teacher):,} images' caption and its 2 "
+                      f"swaps, temperature {temperature:.3g} (its top caption the true one on "
+                      f"{right:.1f} %), weight {ranking_weight}")
     print(f"trainable: {n_trainable:,} {what} parameters; frozen: {n_frozen:,}; {negatives}")
-    print(f"{len(dataset):,} images, batch {args.batch_size}, {steps_per_epoch:,} steps per epoch, steps 0 → "
-          f"{last_step}; AdamW lr {args.lr}, warm-up {args.warmup_steps}, cosine {args.cosine}; out {out_dir}")
+    print(f"{len(dataset):,} images, batch {args.batch_size}, {steps_per_epoch:,} steps per epoch, "
+          f"steps 0 → {last_step}; AdamW lr {args.lr}, warm-up {args.warmup_steps}, "
+          f"cosine {args.cosine}; out {out_dir}")
 
     losses, start = [], time.perf_counter()
     desc = "ranking" if ranking else "hard negatives" if hard_negatives else "control"
@@ -295,8 +301,8 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
                     image_embeds[rows.to(device)], text_embeds[n_texts:].view(len(ranked), 3, -1),
                     teacher[images].to(device), clip.logit_scale)
         if not torch.isfinite(loss):
-            raise SystemExit(f"weights.toyworld.controls: the loss is {loss.item()} at step {step}; "
-                             f"try a lower --lr")
+            raise SystemExit(f"weights.toyworld.controls: the loss is {loss.item()} at step "
+                             f"{step}; try a lower --lr")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf)
         optimizer.step()
@@ -317,7 +323,8 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
               "seconds": round(time.perf_counter() - start, 1)}
     (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
     if losses:
-        print(f"done: {len(losses)} steps, loss {losses[0]:.4f} → {losses[-1]:.4f}; fine-tuned CLIP in {out}")
+        print(f"done: {len(losses)} steps, loss {losses[0]:.4f} → {losses[-1]:.4f}; "
+              f"fine-tuned CLIP in {out}")
     return out
 
 
@@ -376,8 +383,8 @@ def main(argv=None) -> None:
         p.error(f"--ranking_weight must be a finite number, 0 or more; got {args.ranking_weight}")
     if args.command == "finetune" and not (args.ranking_images >= 1
                                            and 1 <= args.ranking_timesteps <= 1000):
-        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; got "
-                f"{args.ranking_images} and {args.ranking_timesteps}")
+        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; "
+                f"got {args.ranking_images} and {args.ranking_timesteps}")
     paths = build(Path(args.world), quick=args.quick, models=Path(args.models))
 
     if args.command == "finetune":
@@ -392,9 +399,10 @@ def main(argv=None) -> None:
     elif args.command == "probe":
         r = binding_probe(args.clip or paths["clip"], paths, args.split)
         print(f"probe ({args.split}): first colour: image {r['first colour, image']:.1f}, text "
-              f"{r['first colour, text']:.1f} (chance {r['first colour, chance']:.1f}, from the colours alone "
-              f"{r['first colour, from the colours alone']:.1f}); colour pair: image {r['colour pair, image']:.1f}, "
-              f"text {r['colour pair, text']:.1f} (chance {r['colour pair, chance']:.1f})")
+              f"{r['first colour, text']:.1f} (chance {r['first colour, chance']:.1f}, from the "
+              f"colours alone {r['first colour, from the colours alone']:.1f}); colour pair: image "
+              f"{r['colour pair, image']:.1f}, text {r['colour pair, text']:.1f} "
+              f"(chance {r['colour pair, chance']:.1f})")
     elif args.command == "retention":
         r = retention(args.clip or paths["clip"], paths, args.split)
         print(f"retention ({args.split}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
@@ -403,7 +411,8 @@ def main(argv=None) -> None:
         if len(names) != len(args.runs):
             p.error(f"--names gives {len(names)} titles for {len(args.runs)} --runs")
         hw_picture(dict(zip(names, map(Path, args.runs))), paths, args.out, args.count)
-        print(f"wrote {args.out}: the real images, then h_w(f_φ(x)) decoded by the VAE for " + ", ".join(names))
+        print(f"wrote {args.out}: the real images, then h_w(f_φ(x)) decoded by the VAE for "
+              + ", ".join(names))
 
 
 if __name__ == "__main__":
