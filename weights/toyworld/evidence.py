@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval_winoground import bootstrap_interval, compare_runs, format_comparison, image_correct, text_correct
+from eval_winoground import (bootstrap_interval, compare_runs, format_comparison, image_correct,
+                             text_correct)
 
 from . import probes  # the probes and retention of the CLIP rows (--mechanism)
 from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build
@@ -130,14 +131,16 @@ def table(split: str, plan: list, done: list, part: str = "rows") -> str:
             column_values = [v[column] for v in values]
             spread = f" ± {statistics.stdev(column_values):.1f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(column_values):.1f}{spread}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(seconds[name]):.0f} |")
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {statistics.mean(seconds[name]):.0f} |")
     return "\n".join(lines)
 
 
 def label(settings: dict, row: str) -> str:
     """A run's configuration in a few words: trainable set, row, λ and mapper of the SDS rows."""
     flags = settings["train_flags"].split()
-    option = lambda name, default: flags[flags.index(name) + 1] if name in flags else default  # noqa: E731
+    option = lambda name, default: (flags[flags.index(name) + 1]  # noqa: E731
+                                    if name in flags else default)
     trainable = "all" if row == "ceiling" else option("--trainable", "layernorm")
     what = {"full": f"SDS full, lambda {settings['sds_weight']:g}", "control": "control (lambda 0)",
             "stopgrad": f"SDS stopgrad, lambda {settings['sds_weight']:g}"}.get(row, row)
@@ -168,7 +171,8 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
             group = name.split(":")[0] + name[name.rindex(" ("):]
             rows.setdefault(name, (group, []))[1].append(credits)
     if not rows:
-        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in {[str(f) for f in results_files]}")
+        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in "
+                         f"{[str(f) for f in results_files]}")
     bands = {trainable: (100 * bootstrap_interval(np.array(runs[0], dtype=float)), runs)
              for name, (trainable, runs) in rows.items() if "control" in name}
     sets = ["layernorm", "image", "all"]
@@ -224,8 +228,8 @@ def main() -> None:
                    help="runs at a time (each on one thread when more than 1)")
     p.add_argument("--out", default="out/toy-evidence", help="runs and results.json")
     p.add_argument("--world",
-                   help="the toy world's data folder, drawn there if missing (default: weights/toy, or "
-                                   "out/toy-quick with --quick)")
+                   help="the toy world's data folder, drawn there if missing "
+                   "(default: weights/toy, or out/toy-quick with --quick)")
     p.add_argument("--models", default=str(MODELS_DIR),
                    help="the toy world's models (default: the shipped ones)")
     p.add_argument("--quick", action="store_true",
@@ -257,8 +261,8 @@ def main() -> None:
             done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
         plan, done = save_results(out, settings, plan, done)
 
-    print(f"\nseeds {sorted({seed for _, seed in plan})}, λ = {args.sds_weight}, diffusion score at "
-          f"{args.timesteps} timesteps, train.py "
+    print(f"\nseeds {sorted({seed for _, seed in plan})}, λ = {args.sds_weight}, diffusion score "
+          f"at {args.timesteps} timesteps, train.py "
           f"{' '.join(f'--{k} {v}' for k, v in TRAIN_DEFAULTS.items() if k != 'sds_weight')} "
           f"{args.train_flags}".rstrip())
     for split in args.splits:
@@ -279,8 +283,8 @@ def gradient_table(out: Path, plan: list) -> str:
     """What each loss term sent to CLIP's image embedding in every train.py run of the table
     (log.jsonl): ‖∂L_CLIP/∂f‖ and ‖∂(λ·L_SDS)/∂f‖, the mean over the first and the last tenth of the
     steps, and L_SDS."""
-    lines = ["| row, seed | ‖∂L_CLIP/∂f‖ first → last tenth | ‖∂(λ·L_SDS)/∂f‖ first → last tenth | ratio (mean) | "
-             "L_SDS first → last tenth |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| row, seed | ‖∂L_CLIP/∂f‖ first → last tenth | ‖∂(λ·L_SDS)/∂f‖ first → last tenth | "
+             "ratio (mean) | L_SDS first → last tenth |", "| --- | --- | --- | --- | --- |"]
     for row, seed in plan:
         log = out / f"{row}-seed{seed}" / "log.jsonl"
         records = [json.loads(line)
@@ -298,8 +302,8 @@ def gradient_table(out: Path, plan: list) -> str:
         clip_mean = statistics.mean(r["clip_grad_norm"] for r in records)
         ratio = statistics.mean(r["sds_grad_norm"]
                                 for r in records) / clip_mean if clip_mean else math.nan
-        lines.append(f"| {row}, {seed} | {span('clip_grad_norm')} | {span('sds_grad_norm')} | {ratio:.3g} | "
-                     f"{span('sds_loss')} |")
+        lines.append(f"| {row}, {seed} | {span('clip_grad_norm')} | {span('sds_grad_norm')} | "
+                     f"{ratio:.3g} | {span('sds_loss')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -322,7 +326,8 @@ def merge_results(file: Path, settings: dict, plan: list, done: list) -> tuple[l
                                                                            for k in SAME}:
             runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])}
         else:
-            print(f"weights.toyworld.evidence: {file} was written with other settings; it is replaced", file=sys.stderr)
+            print(f"weights.toyworld.evidence: {file} was written with other settings; it is "
+                  f"replaced", file=sys.stderr)
     runs |= {tuple(rs): result for rs, result in zip(plan, done)}
     results = {"settings": settings, "train_defaults": TRAIN_DEFAULTS, "plan": list(runs),
                "runs": list(runs.values())}
@@ -341,11 +346,13 @@ def earlier_runs(out: Path, settings: dict, plan: list) -> tuple[list, list]:
     and --seeds name."""
     file = out / "results.json"
     if not file.is_file():
-        raise SystemExit(f"weights.toyworld.evidence: --tables_only: {file} not found; run without --tables_only first")
+        raise SystemExit(f"weights.toyworld.evidence: --tables_only: {file} not found; run without "
+                         f"--tables_only first")
     earlier = json.loads(file.read_text())
     if {k: v for k, v in earlier["settings"].items() if k in SAME} != {k: settings[k]
                                                                        for k in SAME}:
-        raise SystemExit(f"weights.toyworld.evidence: {file} was written with other settings than these ({', '.join(SAME)})")
+        raise SystemExit(f"weights.toyworld.evidence: {file} was written with other settings than "
+                         f"these ({', '.join(SAME)})")
     runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])
             if tuple(rs) in set(plan)}
     return list(runs), list(runs.values())
@@ -362,12 +369,15 @@ def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
         for name in ("control", row):
             examples = []
             for seed in seeds:
-                records = json.loads((out / f"{split}-{name}-seed{seed}.json").read_text())["examples"]
+                records = json.loads(
+                    (out / f"{split}-{name}-seed{seed}.json").read_text())["examples"]
                 examples += [r | {"id": 100_000 * seed + r["id"]} for r in records
                              if tag in (None, r["collapsed_tag"])]
-            files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}-seeds{'-'.join(map(str, seeds))}.json")
+            files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}"
+                               f"-seeds{'-'.join(map(str, seeds))}.json")
             files[-1].write_text(json.dumps({"examples": examples}) + "\n")
-        what = f"{split}, {'every example' if tag is None else tag + ' swaps'}, seeds {seeds} pooled"
+        what = (f"{split}, {'every example' if tag is None else tag + ' swaps'}, "
+                f"seeds {seeds} pooled")
         lines.append(f"{row} against control ({what}):\n" + format_comparison(compare_runs(*files)))
     return "\n".join(lines)
 
