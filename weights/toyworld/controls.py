@@ -427,59 +427,9 @@ def finetune_export(run: Finetune, losses: list[float], start: float) -> Path:
 
 
 def main(argv=None) -> None:
-    world = argparse.ArgumentParser(add_help=False)
-    world.add_argument("--world", default=str(TOY_DIR),
-                       help="the toy world's data folder (drawn there if missing)")
-    world.add_argument("--models", default=str(MODELS_DIR),
-                       help="the toy world's models (default: the shipped ones)")
-    world.add_argument("--quick", action="store_true",
-                       help="a --quick world in --world (a check, not evidence)")
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = p.add_subparsers(dest="command", required=True)
-    f = commands.add_parser("finetune", parents=[world],
-                            help="the positive control (or --all_weights: the ceiling)")
-    f.add_argument("--out", required=True, help="the fine-tuned CLIP's folder")
-    f.add_argument("--seed", type=int, default=0,
-                   help="data order and captions (train.py's --seed)")
-    f.add_argument("--all_weights", action="store_true",
-                   help="train every CLIP weight (the ceiling)")
-    f.add_argument("--clip", help="the CLIP to fine-tune (default: the world's)")
-    f.add_argument("--max_steps", type=int, default=0,
-                   help="stop after this many steps (0: all epochs)")
-    f.add_argument("--train_flags", default="",
-                   help="more train.py flags, e.g. '--epochs 5 --cosine'")
-    f.add_argument("--ranking", action="store_true",
-                   help="no hard negatives: distil the teacher's ranking of "
-                   "each caption and its swaps instead (computed once per world, then cached)")
-    f.add_argument("--ranking_weight", type=float, default=1.0, help="β, the ranking loss's weight")
-    f.add_argument("--ranking_images", type=int, default=RANKING_IMAGES,
-                   help="training images ranked")
-    f.add_argument("--ranking_timesteps", type=int, default=RANKING_TIMESTEPS,
-                   help="diffusion timesteps per pair")
-    for name, help_ in (("probe", "linear probes on the frozen embeddings"),
-                        ("retention", "the base skill")):
-        c = commands.add_parser(name, parents=[world], help=help_)
-        c.add_argument("--clip", help="a CLIP folder (default: the world's pre-trained CLIP)")
-        c.add_argument("--split", choices=("val", "test", "new_objects"), default="test",
-                       help="the split to test on")
-    c = commands.add_parser("picture", parents=[world],
-                            help="h_w(f_φ(x)) decoded by the VAE, per run")
-    c.add_argument("--runs", nargs="+", required=True,
-                   help="train.py output folders (with mapper.safetensors)")
-    c.add_argument("--names", nargs="+", help="a column title per run (default: the folder names)")
-    c.add_argument("--out", required=True, help="the PNG to write")
-    c.add_argument("--count", type=int, default=6, help="test images")
+    p = get_parser()
     args = p.parse_args(argv)
-    if args.quick and Path(args.world) == TOY_DIR:
-        p.error(f"--quick needs its own --world folder: {TOY_DIR} holds the full world")
-    if args.command == "finetune" and not (math.isfinite(args.ranking_weight)
-                                           and args.ranking_weight >= 0):
-        p.error(f"--ranking_weight must be a finite number, 0 or more; got {args.ranking_weight}")
-    if args.command == "finetune" and not (args.ranking_images >= 1
-                                           and 1 <= args.ranking_timesteps <= 1000):
-        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; "
-                f"got {args.ranking_images} and {args.ranking_timesteps}")
+    check_args(p, args)
     paths = build(Path(args.world), quick=args.quick, models=Path(args.models))
 
     if args.command == "finetune":
@@ -508,6 +458,72 @@ def main(argv=None) -> None:
         hw_picture(dict(zip(names, map(Path, args.runs))), paths, args.out, args.count)
         print(f"wrote {args.out}: the real images, then h_w(f_φ(x)) decoded by the VAE for "
               + ", ".join(names))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The command line: finetune, probe, retention and picture, each with the world's options."""
+    world = argparse.ArgumentParser(add_help=False)
+    world.add_argument("--world", default=str(TOY_DIR),
+                       help="the toy world's data folder (drawn there if missing)")
+    world.add_argument("--models", default=str(MODELS_DIR),
+                       help="the toy world's models (default: the shipped ones)")
+    world.add_argument("--quick", action="store_true",
+                       help="a --quick world in --world (a check, not evidence)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    add_finetune_parser(commands, world)
+    for name, help_ in (("probe", "linear probes on the frozen embeddings"),
+                        ("retention", "the base skill")):
+        c = commands.add_parser(name, parents=[world], help=help_)
+        c.add_argument("--clip", help="a CLIP folder (default: the world's pre-trained CLIP)")
+        c.add_argument("--split", choices=("val", "test", "new_objects"), default="test",
+                       help="the split to test on")
+    c = commands.add_parser("picture", parents=[world],
+                            help="h_w(f_φ(x)) decoded by the VAE, per run")
+    c.add_argument("--runs", nargs="+", required=True,
+                   help="train.py output folders (with mapper.safetensors)")
+    c.add_argument("--names", nargs="+", help="a column title per run (default: the folder names)")
+    c.add_argument("--out", required=True, help="the PNG to write")
+    c.add_argument("--count", type=int, default=6, help="test images")
+    return p
+
+
+def add_finetune_parser(commands, world: argparse.ArgumentParser) -> None:
+    """The finetune command's options: the run's, then the teacher's ranking's."""
+    f = commands.add_parser("finetune", parents=[world],
+                            help="the positive control (or --all_weights: the ceiling)")
+    f.add_argument("--out", required=True, help="the fine-tuned CLIP's folder")
+    f.add_argument("--seed", type=int, default=0,
+                   help="data order and captions (train.py's --seed)")
+    f.add_argument("--all_weights", action="store_true",
+                   help="train every CLIP weight (the ceiling)")
+    f.add_argument("--clip", help="the CLIP to fine-tune (default: the world's)")
+    f.add_argument("--max_steps", type=int, default=0,
+                   help="stop after this many steps (0: all epochs)")
+    f.add_argument("--train_flags", default="",
+                   help="more train.py flags, e.g. '--epochs 5 --cosine'")
+    f.add_argument("--ranking", action="store_true",
+                   help="no hard negatives: distil the teacher's ranking of "
+                   "each caption and its swaps instead (computed once per world, then cached)")
+    f.add_argument("--ranking_weight", type=float, default=1.0, help="β, the ranking loss's weight")
+    f.add_argument("--ranking_images", type=int, default=RANKING_IMAGES,
+                   help="training images ranked")
+    f.add_argument("--ranking_timesteps", type=int, default=RANKING_TIMESTEPS,
+                   help="diffusion timesteps per pair")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The settings that argparse cannot check alone, each a p.error that names the flag."""
+    if args.quick and Path(args.world) == TOY_DIR:
+        p.error(f"--quick needs its own --world folder: {TOY_DIR} holds the full world")
+    if args.command == "finetune" and not (math.isfinite(args.ranking_weight)
+                                           and args.ranking_weight >= 0):
+        p.error(f"--ranking_weight must be a finite number, 0 or more; got {args.ranking_weight}")
+    if args.command == "finetune" and not (args.ranking_images >= 1
+                                           and 1 <= args.ranking_timesteps <= 1000):
+        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; "
+                f"got {args.ranking_images} and {args.ranking_timesteps}")
 
 
 if __name__ == "__main__":
