@@ -156,23 +156,7 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
     Returns the rows drawn."""
     from PIL import Image, ImageDraw  # noqa: PLC0415 (only the picture needs it)
 
-    rows = {}  # label → (trainable, [per seed: group credits of the tag's examples])
-    for results_file in results_files:
-        results = json.loads(Path(results_file).read_text())
-        for row, seed in results["plan"]:
-            records_file = Path(results_file).parent / f"{split}-{row}-seed{seed}.json"
-            if row in ("clip", "diffusion") or not records_file.is_file():
-                continue
-            records = json.loads(records_file.read_text())["examples"]
-            credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
-                       if r["collapsed_tag"] == tag]
-            name = label(results["settings"], row)
-            # the trainable set and the epochs
-            group = name.split(":")[0] + name[name.rindex(" ("):]
-            rows.setdefault(name, (group, []))[1].append(credits)
-    if not rows:
-        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in "
-                         f"{[str(f) for f in results_files]}")
+    rows = picture_rows(results_files, split, tag)
     bands = {trainable: (100 * bootstrap_interval(np.array(runs[0], dtype=float)), runs)
              for name, (trainable, runs) in rows.items() if "control" in name}
     sets = ["layernorm", "image", "all"]
@@ -206,6 +190,29 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
             pen.ellipse([x(v) - 3, y + 6, x(v) + 3, y + 12], fill=(30, 60, 200))
     image.save(file)
     return [(name, [100 * float(np.mean(c)) for c in rows[name][1]]) for name in order]
+
+
+def picture_rows(results_files: list[Path], split: str, tag: str) -> dict:
+    """The fine-tuned runs of the results files, by label: label → (its control's group: the
+    trainable set and the epochs, [per seed: the group credit of each of the tag's examples])."""
+    rows = {}
+    for results_file in results_files:
+        results = json.loads(Path(results_file).read_text())
+        for row, seed in results["plan"]:
+            records_file = Path(results_file).parent / f"{split}-{row}-seed{seed}.json"
+            if row in ("clip", "diffusion") or not records_file.is_file():
+                continue
+            records = json.loads(records_file.read_text())["examples"]
+            credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
+                       if r["collapsed_tag"] == tag]
+            name = label(results["settings"], row)
+            # the trainable set and the epochs
+            group = name.split(":")[0] + name[name.rindex(" ("):]
+            rows.setdefault(name, (group, []))[1].append(credits)
+    if not rows:
+        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in "
+                         f"{[str(f) for f in results_files]}")
+    return rows
 
 
 def main() -> None:
