@@ -216,6 +216,31 @@ def picture_rows(results_files: list[Path], split: str, tag: str) -> dict:
 
 
 def main() -> None:
+    args = get_args()
+    if args.picture:
+        split = args.splits[0] if args.splits != ["test", "new_objects"] else "val"
+        for name, values in picture([Path(f) for f in args.results], Path(args.picture), split):
+            print(f"{name:<45} " + " ".join(f"{v:5.1f}" for v in values))
+        return
+    args.world = Path(args.world or ("out/toy-quick" if args.quick else TOY_DIR))
+    paths = build(args.world, quick=args.quick, models=Path(args.models))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(row, seed) for row in args.rows for seed in ([0] if row == "clip" else args.seeds)]
+    plan.sort(key=lambda rs: rs[0] != "diffusion")  # the longest runs first
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.tables_only:
+        plan, done = earlier_runs(out, settings, plan)
+    else:
+        threads = 1 if args.jobs > 1 else None
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
+        plan, done = save_results(out, settings, plan, done)
+    print_tables(args, out, plan, done)
+
+
+def get_args() -> argparse.Namespace:
+    """The command line (sys.argv): what to run, where, and the settings of its runs."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=["test", "new_objects"],
@@ -247,27 +272,12 @@ def main() -> None:
     p.add_argument("--picture", help="draw this PNG from --results (no run)")
     p.add_argument("--results", nargs="+", default=[],
                    help="results.json files of earlier runs, for --picture")
-    args = p.parse_args()
-    if args.picture:
-        split = args.splits[0] if args.splits != ["test", "new_objects"] else "val"
-        for name, values in picture([Path(f) for f in args.results], Path(args.picture), split):
-            print(f"{name:<45} " + " ".join(f"{v:5.1f}" for v in values))
-        return
-    args.world = Path(args.world or ("out/toy-quick" if args.quick else TOY_DIR))
-    paths = build(args.world, quick=args.quick, models=Path(args.models))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = [(row, seed) for row in args.rows for seed in ([0] if row == "clip" else args.seeds)]
-    plan.sort(key=lambda rs: rs[0] != "diffusion")  # the longest runs first
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    if args.tables_only:
-        plan, done = earlier_runs(out, settings, plan)
-    else:
-        threads = 1 if args.jobs > 1 else None
-        with ThreadPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
-        plan, done = save_results(out, settings, plan, done)
+    return p.parse_args()
 
+
+def print_tables(args: argparse.Namespace, out: Path, plan: list, done: list) -> None:
+    """The settings, then per split: the table, the probes and retention (--mechanism), what each
+    term sends to f_φ(x) (the first split), and each row against the control, seeds paired."""
     print(f"\nseeds {sorted({seed for _, seed in plan})}, λ = {args.sds_weight}, diffusion score "
           f"at {args.timesteps} timesteps, train.py "
           f"{' '.join(f'--{k} {v}' for k, v in TRAIN_DEFAULTS.items() if k != 'sds_weight')} "
