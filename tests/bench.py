@@ -137,71 +137,100 @@ def bench_eval() -> None:
     """Winoground CLIP score, ViT-B/32, 16 synthetic examples (640×480 PNGs), whole pipeline from the
     files (decode, preprocess, tokenize, encode, 2×2 cosines): eval_winoground.clip_scores vs
     transformers' CLIPImageProcessor + CLIPTokenizer + CLIPModel."""
-    import json
     import tempfile
 
-    import numpy as np
     import open_clip
     import transformers
-    from PIL import Image
 
     import eval_winoground as ew
     from weights.networks import load_clip, load_openai_tokenizer
-    from weights.winoground import Winoground
 
     num_examples = 16
-    tokenizer = load_openai_tokenizer(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
+    tokenizer = load_openai_tokenizer(Path(open_clip.__file__).parent
+                                      / "bpe_simple_vocab_16e6.txt.gz")
     ref = transformers.CLIPModel(transformers.CLIPConfig()).eval()  # the defaults are ViT-B/32
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ref.save_pretrained(tmp / "clip")
         ours = load_clip(tmp / "clip")
-        (tmp / "clip" / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
-        merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
-        merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-        (tmp / "clip" / "merges.txt").write_text(merges_text, encoding="utf-8")
+        write_tokenizer_files(tokenizer, tmp / "clip")
         ref_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp / "clip")
         processor = transformers.CLIPImageProcessor()
-        (tmp / "data" / "images").mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        x, y = np.meshgrid(np.linspace(0, 1, 640), np.linspace(0, 1, 480))
-        lines = []
-        for k in range(num_examples):
-            for j in (0, 1):
-                rgb = np.stack([x, y, x * y], axis=-1) * 200 + rng.integers(0, 56, (480, 640, 3))
-                Image.fromarray(rgb.astype(np.uint8)).save(tmp / "data" / "images" / f"ex_{k}_img_{j}.png")
-            lines.append(json.dumps({"id": k, "image_0": f"ex_{k}_img_0", "image_1": f"ex_{k}_img_1",
-                                     "caption_0": f"{k} dogs chasing a cat", "caption_1": f"a cat chasing {k} dogs",
-                                     "tag": "Noun", "secondary_tag": "", "num_main_preds": 1,
-                                     "collapsed_tag": "Object"}))
-        (tmp / "data" / "examples.jsonl").write_text("\n".join(lines) + "\n")
-        data = Winoground(tmp / "data")
+        data = synthetic_winoground(tmp / "data", num_examples)
 
         def ours_fn():
             return ew.clip_scores(ours, tokenizer, data, data.examples, batch_size=num_examples)
 
-        @torch.no_grad()
         def ref_fn():
-            images = [image for e in data.examples for image in data.images(e)]
-            captions = [c for e in data.examples for c in (e.caption_0, e.caption_1)]
-            pixels = processor(images=images, return_tensors="pt").pixel_values
-            ids = ref_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
-            img = torch.nn.functional.normalize(ref.get_image_features(pixel_values=pixels), dim=-1)
-            txt = torch.nn.functional.normalize(ref.get_text_features(input_ids=ids), dim=-1)
-            img, txt = img.view(num_examples, 2, -1), txt.view(num_examples, 2, -1)  # (examples, 2, D)
-            return torch.einsum("bcd,bid->bci", txt, img)
+            return ref_clip_scores(ref, processor, ref_tokenizer, data)
 
         diff = (ours_fn() - ref_fn()).abs().max().item()
         ours_s, ref_s = median_time(ours_fn, repeat=3), median_time(ref_fn, repeat=3)
-        report(f"eval winoground CLIP B/32, {num_examples} examples", ours_s, ref_s, peak_memory_mib(ours_fn),
-               peak_memory_mib(ref_fn))
+        report(f"eval winoground CLIP B/32, {num_examples} examples", ours_s, ref_s,
+               peak_memory_mib(ours_fn), peak_memory_mib(ref_fn))
+
         def with_workers():
             return ew.clip_scores(ours, tokenizer, data, data.examples, num_examples, workers=2)
 
         workers_s = median_time(with_workers, repeat=3)
-        print(f"{'':<44} examples/s ours {num_examples / ours_s:6.1f}  ref {num_examples / ref_s:6.1f}  "
-              f"ours with 2 image workers {num_examples / workers_s:6.1f}  (max |Δ| of the 2×2 scores {diff:.1e})",
+        print(f"{'':<44} examples/s ours {num_examples / ours_s:6.1f}  "
+              f"ref {num_examples / ref_s:6.1f}  ours with 2 image workers "
+              f"{num_examples / workers_s:6.1f}  (max |Δ| of the 2×2 scores {diff:.1e})",
               flush=True)
+
+
+def write_tokenizer_files(tokenizer, folder: Path) -> None:
+    """OpenAI's BPE as the Hugging Face tokenizer files (vocab.json, merges.txt) in folder, so that
+    both tokenizers read the same vocabulary."""
+    import json
+
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+
+
+def synthetic_winoground(folder: Path, num_examples: int):
+    """A Winoground folder of `num_examples` examples: two 640×480 PNGs each (a gradient plus
+    seeded noise) and two captions."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from weights.winoground import Winoground
+
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.linspace(0, 1, 640), np.linspace(0, 1, 480))
+    lines = []
+    for k in range(num_examples):
+        for j in (0, 1):
+            rgb = np.stack([x, y, x * y], axis=-1) * 200 + rng.integers(0, 56, (480, 640, 3))
+            Image.fromarray(rgb.astype(np.uint8)).save(folder / "images" / f"ex_{k}_img_{j}.png")
+        lines.append(json.dumps({"id": k, "image_0": f"ex_{k}_img_0", "image_1": f"ex_{k}_img_1",
+                                 "caption_0": f"{k} dogs chasing a cat",
+                                 "caption_1": f"a cat chasing {k} dogs",
+                                 "tag": "Noun", "secondary_tag": "", "num_main_preds": 1,
+                                 "collapsed_tag": "Object"}))
+    (folder / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    return Winoground(folder)
+
+
+@torch.no_grad()
+def ref_clip_scores(ref, processor, ref_tokenizer, data) -> torch.Tensor:
+    """The 2×2 scores of every example with transformers: CLIPImageProcessor, CLIPTokenizer and
+    CLIPModel's features, (examples, 2 captions, 2 images)."""
+    images = [image for e in data.examples for image in data.images(e)]
+    captions = [c for e in data.examples for c in (e.caption_0, e.caption_1)]
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    ids = ref_tokenizer(captions, padding="max_length", max_length=77,
+                        return_tensors="pt").input_ids
+    img = torch.nn.functional.normalize(ref.get_image_features(pixel_values=pixels), dim=-1)
+    txt = torch.nn.functional.normalize(ref.get_text_features(input_ids=ids), dim=-1)
+    # (examples, 2, D)
+    img, txt = img.view(len(data.examples), 2, -1), txt.view(len(data.examples), 2, -1)
+    return torch.einsum("bcd,bid->bci", txt, img)
 
 
 def bench_unet() -> None:

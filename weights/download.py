@@ -47,7 +47,8 @@ TIMEOUT_S = 60
 RETRIES = 5  # further attempts after a timeout, a dropped connection or a 5xx
 BACKOFF_S = 2.0  # wait BACKOFF_S · 2^attempt seconds before the next attempt
 USER_AGENT = "sds-clip-download/1.0"
-MAX_LISTING_PAGES = 100  # the hub lists 1000 files a page; the repositories here hold fewer than 100
+# the hub lists 1000 files a page; the repositories here hold fewer than 100
+MAX_LISTING_PAGES = 100
 
 CLIP_NAMES = ("clip-vit-base-patch32", "clip-vit-base-patch16", "clip-vit-large-patch14",
               "clip-vit-large-patch14-336")
@@ -60,8 +61,8 @@ SD_REPOS = {SD_NAME: "CompVis/stable-diffusion-v1-4",
 # CLIPs in open_clip's layout: load_clip reads open_clip_model.safetensors, and the activation
 # from open_clip_config.json; the tokenizer files are the Hugging Face ones beside it.
 OPEN_CLIP_REPOS = {"CLIP-ViT-B-32-laion2B-s34B-b79K": "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"}
-OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_config.json", "vocab.json", "merges.txt",
-                   "tokenizer_config.json", "special_tokens_map.json")
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_config.json", "vocab.json",
+                   "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_NAMES = CLIP_NAMES + tuple(OPEN_CLIP_REPOS) + tuple(SD_REPOS)
 DEFAULT_MODELS = ("clip-vit-base-patch32", SD_NAME)
 CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt",
@@ -95,7 +96,8 @@ class _NoTokenOffSite(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+        if new is not None and (urllib.parse.urlsplit(newurl).netloc
+                                != urllib.parse.urlsplit(req.full_url).netloc):
             new.remove_header("Authorization")
         return new
 
@@ -118,22 +120,24 @@ def with_retries(action, url, backoff):
         except urllib.error.HTTPError as err:
             if (err.code < 500 and err.code != 429) or attempt == RETRIES:
                 raise
-        except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError, http.client.HTTPException) as err:
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ssl.SSLError,
+                http.client.HTTPException) as err:
             if attempt == RETRIES:
-                raise DownloadError(f"{url} kept failing after {RETRIES + 1} attempts ({err}); check "
-                                    f"your connection and run the same command again to resume.") from err
+                raise DownloadError(f"{url} kept failing after {RETRIES + 1} attempts ({err}); "
+                                    f"check your connection and run the same command again to "
+                                    f"resume.") from err
         time.sleep(backoff * 2**attempt)
 
 
 def explain(err, url, page):
     """Turn an HTTP error into a DownloadError that says what to do."""
     if err.code in (401, 403):
-        return DownloadError(f"{url} was refused ({err.code}): accept the licence at {page} while logged "
-                             f"in, then pass an access token with --token or HF_TOKEN "
+        return DownloadError(f"{url} was refused ({err.code}): accept the licence at {page} while "
+                             f"logged in, then pass an access token with --token or HF_TOKEN "
                              f"(https://huggingface.co/settings/tokens).")
     if err.code == 404:
-        return DownloadError(f"{urllib.parse.unquote(url.rsplit('/', 1)[-1])} was not found at {url} "
-                             f"(404); check the name and --revision.")
+        return DownloadError(f"{urllib.parse.unquote(url.rsplit('/', 1)[-1])} was not found at "
+                             f"{url} (404); check the name and --revision.")
     return DownloadError(f"{url} answered HTTP {err.code} {err.reason}; try again later.")
 
 
@@ -152,12 +156,14 @@ def mismatch(path, size, digest):
         h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     else:
         h = hashlib.new(algorithm)
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"verify {path.name}", unit="B", unit_scale=True,
-                                    leave=False, disable=path.stat().st_size < VERIFY_PROGRESS_BYTES) as bar:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"verify {path.name}",
+                                     unit="B", unit_scale=True, leave=False,
+                                     disable=path.stat().st_size < VERIFY_PROGRESS_BYTES) as bar:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
             bar.update(len(chunk))
-    return None if h.hexdigest() == expected else f"{algorithm} {h.hexdigest()} instead of {expected}"
+    return (None if h.hexdigest() == expected
+            else f"{algorithm} {h.hexdigest()} instead of {expected}")
 
 
 def _stream(url, part, size, token, label):
@@ -184,12 +190,14 @@ def _stream(url, part, size, token, label):
                                 f"{human(shutil.disk_usage(part.parent).free)} is free in "
                                 f"{part.parent}; free some space or choose another folder.")
         with open(part, "ab" if have else "wb") as out, tqdm(
-                total=total, initial=have, desc=label, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+                total=total, initial=have, desc=label, unit="B", unit_scale=True,
+                unit_divisor=1024) as bar:
             while chunk := resp.read(CHUNK_BYTES):
                 out.write(chunk)
                 bar.update(len(chunk))
     if total is not None and part.stat().st_size < total:  # urllib returns b"" at an early EOF
-        raise ConnectionResetError(f"connection closed after {part.stat().st_size} of {total} bytes")
+        raise ConnectionResetError(f"connection closed after {part.stat().st_size} "
+                                   f"of {total} bytes")
 
 
 def fetch(url, dest, size=None, digest=None, token=None, page=None, backoff=BACKOFF_S):
@@ -219,7 +227,8 @@ def fetch(url, dest, size=None, digest=None, token=None, page=None, backoff=BACK
 
 def list_files(endpoint, repo, revision, token, kind, backoff):
     """{path: tree entry} of every file of repo at revision; {} if there is no such revision."""
-    url = f"{endpoint}/api/{kind}s/{repo}/tree/{urllib.parse.quote(revision, safe='')}?recursive=true"
+    url = (f"{endpoint}/api/{kind}s/{repo}/tree/{urllib.parse.quote(revision, safe='')}"
+           f"?recursive=true")
     files, seen = {}, []
     while url:  # the hub pages long listings through a Link: <...>; rel="next" header
         seen.append(url)
@@ -228,17 +237,20 @@ def list_files(endpoint, repo, revision, token, kind, backoff):
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 return {}
-            raise explain(err, url, f"{endpoint}/{'datasets/' if kind == 'dataset' else ''}{repo}") from None
+            raise explain(err, url,
+                          f"{endpoint}/{'datasets/' if kind == 'dataset' else ''}{repo}") from None
         files.update({entry["path"]: entry for entry in entries if entry["type"] == "file"})
         url = _next_page(link, seen)
     return files
 
 
 def _next_page(link, seen):
-    """The page a Link header names as rel="next", resolved against the last page read; None if it names none.
-    The server may name any address, so only a new page on the first page's scheme and host, within
-    MAX_LISTING_PAGES, is followed (the token goes with it); anything else is a DownloadError."""
-    url = next((part.split(";")[0].strip(" <>") for part in link.split(",") if 'rel="next"' in part), None)
+    """The page a Link header names as rel="next", resolved against the last page read; None if it
+    names none. The server may name any address, so only a new page on the first page's scheme and
+    host, within MAX_LISTING_PAGES, is followed (the token goes with it); anything else is a
+    DownloadError."""
+    url = next((part.split(";")[0].strip(" <>") for part in link.split(",")
+                if 'rel="next"' in part), None)
     if url is None:
         return None
     url, origin = urllib.parse.urljoin(seen[-1], url), urllib.parse.urlsplit(seen[0])
@@ -250,37 +262,43 @@ def _next_page(link, seen):
         problem = f"past the {MAX_LISTING_PAGES} pages this script reads"
     else:
         return url
-    raise DownloadError(f"{seen[-1]} names {url} as the next page of its file listing, {problem}; check --endpoint "
-                        f"(or HF_ENDPOINT) and any proxy in between.")
+    raise DownloadError(f"{seen[-1]} names {url} as the next page of its file listing, {problem}; "
+                        f"check --endpoint (or HF_ENDPOINT) and any proxy in between.")
 
 
 def _read_listing(url, token):
-    """(entries, Link header) of one page of the tree API; a DownloadError if it is not a JSON list of entries."""
+    """(entries, Link header) of one page of the tree API; a DownloadError if it is not a JSON list
+    of entries."""
     with open_url(url, token) as resp:
         body, link = resp.read(), resp.headers.get("Link", "")
     try:
         entries = json.loads(body)
-    except ValueError:  # not JSON, or not UTF-8: a proxy's or captive portal's page, or not a hub at all
+    except ValueError:
+        # not JSON, or not UTF-8: a proxy's or captive portal's page, or not a hub at all
         entries = None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"path", "type"} <= e.keys() for e in entries):
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and {"path", "type"} <= e.keys() for e in entries):
         raise DownloadError(f"{url} answered with something other than the hub's JSON file listing "
-                            f"(it begins {body[:60]!r}); check --endpoint (or HF_ENDPOINT) and any proxy in between.")
+                            f"(it begins {body[:60]!r}); check --endpoint (or HF_ENDPOINT) and any "
+                            f"proxy in between.")
     bad = next((e for e in entries if not _valid_entry(e)), None)
     if bad is not None:
-        raise DownloadError(f"{url} lists {json.dumps(bad)[:200]}, which lacks a file's path, size or oid (or has "
-                            f"one of the wrong type); check --endpoint (or HF_ENDPOINT) and any proxy in between.")
+        raise DownloadError(f"{url} lists {json.dumps(bad)[:200]}, which lacks a file's path, size "
+                            f"or oid (or has one of the wrong type); check --endpoint (or "
+                            f"HF_ENDPOINT) and any proxy in between.")
     return entries, link
 
 
 def _valid_entry(entry):
-    """A listing entry as download_repo reads it: a string path and type; a file also has an integer size, a
-    string oid and, if it is in LFS, an lfs object with a string oid."""
+    """A listing entry as download_repo reads it: a string path and type; a file also has an
+    integer size, a string oid and, if it is in LFS, an lfs object with a string oid."""
     if not isinstance(entry["path"], str) or not isinstance(entry["type"], str):
         return False
     lfs = entry.get("lfs")
     return entry["type"] != "file" or (type(entry.get("size")) is int and entry["size"] >= 0
                                        and isinstance(entry.get("oid"), str)
-                                       and (lfs is None or isinstance(lfs, dict) and isinstance(lfs.get("oid"), str)))
+                                       and (lfs is None or isinstance(lfs, dict)
+                                            and isinstance(lfs.get("oid"), str)))
 
 
 def download_repo(repo, plan, folder, endpoint, token=None, kind="model", backoff=BACKOFF_S):
@@ -298,8 +316,9 @@ def download_repo(repo, plan, folder, endpoint, token=None, kind="model", backof
         else:
             if Path(local).name not in OPTIONAL_FILES:
                 tried = " or ".join(f"{path} at revision {rev}" for rev, path in sources)
-                hint = (f"if it only publishes a .bin, pass the ref of its safetensors conversion (see "
-                        f"{page}/discussions) with --revision" if kind == "model" else f"see {page}/tree/main")
+                hint = (f"if it only publishes a .bin, pass the ref of its safetensors conversion "
+                        f"(see {page}/discussions) with --revision" if kind == "model"
+                        else f"see {page}/tree/main")
                 raise DownloadError(f"{repo} has no {tried} on {endpoint}; {hint}.")
     paths = []
     for local, revision, remote, entry in jobs:
@@ -362,11 +381,13 @@ def download_winoground(folder, endpoint=DEFAULT_ENDPOINT, token=None, backoff=B
 
 
 def download_coco(folder, endpoint=DEFAULT_COCO_ENDPOINT, md5=COCO_MD5, backoff=BACKOFF_S):
-    """folder/train2017/*.jpg and folder/annotations/captions_{train,val}2017.json (MS-COCO 2017)."""
+    """folder/train2017/*.jpg and folder/annotations/captions_{train,val}2017.json
+    (MS-COCO 2017)."""
     folder = Path(folder)
     images, annotations = "zips/train2017.zip", "annotations/annotations_trainval2017.zip"
     if not (folder / "train2017").is_dir():
-        zip_path = fetch(f"{endpoint}/{images}", folder / "train2017.zip", digest=("md5", md5[images]), backoff=backoff)
+        zip_path = fetch(f"{endpoint}/{images}", folder / "train2017.zip",
+                         digest=("md5", md5[images]), backoff=backoff)
         unzip(zip_path, folder / "train2017", inner="train2017")
     if not (folder / COCO_CAPTIONS[0]).exists():
         zip_path = fetch(f"{endpoint}/{annotations}", folder / "annotations_trainval2017.zip",
@@ -379,17 +400,20 @@ def main(argv=None):
     parser.add_argument("models", nargs="*", metavar="MODEL",
                         help=f"any of {', '.join(MODEL_NAMES)} (default: {' and '.join(DEFAULT_MODELS)}, "
                              f"unless only --coco/--winoground is given)")
-    parser.add_argument("--fp16", action="store_true", help="Stable Diffusion's *.fp16.safetensors instead of fp32")
+    parser.add_argument("--fp16", action="store_true",
+                        help="Stable Diffusion's *.fp16.safetensors instead of fp32")
     parser.add_argument("--revision", default="main", help="hub branch, tag or commit of the models")
     parser.add_argument("--dir", type=Path, default=WEIGHTS_DIR, help="where the model folders go")
     parser.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT),
                         help="hub address (env HF_ENDPOINT)")
     parser.add_argument("--token", default=os.environ.get("HF_TOKEN"),
                         help="Hugging Face access token, for gated repos (env HF_TOKEN)")
-    parser.add_argument("--coco", type=Path, metavar="DIR", help="fetch MS-COCO 2017 train images + captions into DIR")
+    parser.add_argument("--coco", type=Path, metavar="DIR",
+                        help="fetch MS-COCO 2017 train images + captions into DIR")
     parser.add_argument("--coco-endpoint", default=os.environ.get("COCO_ENDPOINT", DEFAULT_COCO_ENDPOINT),
                         help="COCO download address (env COCO_ENDPOINT)")
-    parser.add_argument("--winoground", type=Path, metavar="DIR", help="fetch the gated Winoground dataset into DIR")
+    parser.add_argument("--winoground", type=Path, metavar="DIR",
+                        help="fetch the gated Winoground dataset into DIR")
     args = parser.parse_args(argv)
     unknown = [name for name in args.models if name not in MODEL_NAMES]
     if unknown:
@@ -397,7 +421,8 @@ def main(argv=None):
     for flag, folder in [("--dir", args.dir), ("--coco", args.coco), ("--winoground", args.winoground)]:
         blocker = next((p for p in [folder, *folder.parents] if p.exists()), None) if folder else None
         if blocker is not None and not blocker.is_dir():
-            sys.exit(f"error: {flag} {folder} cannot be made a folder, as {blocker} is a file; choose another place.")
+            sys.exit(f"error: {flag} {folder} cannot be made a folder, as {blocker} is a file; "
+                     f"choose another place.")
     models = args.models or ([] if args.coco or args.winoground else list(DEFAULT_MODELS))
     endpoint = args.endpoint.rstrip("/")
     try:
@@ -418,8 +443,8 @@ def main(argv=None):
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        sys.exit(f"error: the disk filled up while writing {err.filename or 'a file'}; free some space "
-                 f"and run the same command again to resume.")
+        sys.exit(f"error: the disk filled up while writing {err.filename or 'a file'}; free some "
+                 f"space and run the same command again to resume.")
 
 
 if __name__ == "__main__":

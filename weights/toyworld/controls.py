@@ -29,6 +29,8 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import train
-from clip import image_transform
+from clip import Tokenizer, image_transform
 from eval_winoground import timestep_grid
 from sds import NoiseSchedule, StableDiffusion, denoising_error, encode_prompt
 from weights import coco, runs
@@ -63,13 +65,14 @@ def hard_negative(caption: str) -> list[str]:
     shape."""
     phrases = list(NOUN_PHRASE.finditer(caption))
     if len(phrases) != 2:
-        raise ValueError(f"hard_negative: {caption!r} does not name two objects as '(a|the) <colour> <shape>': "
-                         f"it is not a caption of the toy world's grammar")
+        raise ValueError(f"hard_negative: {caption!r} does not name two objects as "
+                         f"'(a|the) <colour> <shape>': it is not a caption of the toy world's "
+                         f"grammar")
     first, second = phrases
 
     def rewrite(new_first: str, new_second: str) -> str:
-        return (caption[: first.start()] + new_first + caption[first.end(): second.start()] + new_second
-                + caption[second.end():])
+        return (caption[: first.start()] + new_first + caption[first.end(): second.start()]
+                + new_second + caption[second.end():])
 
     (a1, c1, s1), (a2, c2, s2) = first.groups(), second.groups()
     attribute = rewrite(f"{a1} {c2} {s1}", f"{a2} {c1} {s2}")
@@ -113,7 +116,8 @@ def teacher_errors(sd: StableDiffusion, pixels: torch.Tensor, captions: list[lis
     32): (N, K), the mean over `timesteps` grid timesteps of ‖ε_θ(z_t, t, c) − ε‖² / (C·H·W), the
     noise shared by the captions of an image (drawn image after image from `seed`), so that they
     differ in caption only."""
-    grid, generator, schedule = timestep_grid(timesteps), torch.Generator().manual_seed(seed), NoiseSchedule()
+    grid, generator, schedule = (timestep_grid(timesteps), torch.Generator().manual_seed(seed),
+                                 NoiseSchedule())
     errors = []
     for chunk in tqdm(range(0, len(pixels), 32), desc="teacher ranking", unit="×32 images"):
         images, texts = pixels[chunk: chunk + 32], captions[chunk: chunk + 32]
@@ -197,6 +201,38 @@ def as_flags(settings: dict) -> list[str]:
             if value is not False]
 
 
+@dataclass
+class Finetune:
+    """What the fine-tuning loop works with; finetune_setup builds it (train.py's Run, for one
+    process and the NegCLIP loss)."""
+    args: argparse.Namespace  # train.py's settings (finetune_args)
+    device: torch.device
+    source: Path  # the CLIP fine-tuned: its tokenizer files go beside the export
+    clip: torch.nn.Module
+    tokenizer: Tokenizer
+    dataset: coco.CocoCaptions
+    trainable: list  # the parameters AdamW updates
+    optimizer: torch.optim.Optimizer
+    data: Iterator  # (epoch, (pixels, indices, errors)) per step: train.py's data order
+    steps_per_epoch: int
+    autocast: torch.autocast
+    all_weights: bool  # the ceiling: every CLIP weight trained
+    hard_negatives: bool
+    ranking: dict | None  # teacher_rankings, or None
+    ranking_weight: float  # β
+    temperature: float | None = None  # the teacher's (fit_temperature), with a ranking
+    teacher: torch.Tensor | None = None  # p_T(c | x), (count, 3), with a ranking
+
+    @property
+    def total_steps(self) -> int:  # the steps of --epochs, which the learning rate schedule spans
+        return self.args.epochs * self.steps_per_epoch
+
+    @property
+    def last_step(self) -> int:  # where the run stops: --max_steps or the end of --epochs
+        total, most = self.total_steps, self.args.max_steps
+        return min(total, most) if most else total
+
+
 def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_weights: bool = False,
                             epochs: int | None = None, batch_size: int | None = None,
                             lr: float | None = None, max_steps: int = 0, flags: list[str] = (),
@@ -213,6 +249,26 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     captions and their swaps) the loss adds ranking_weight · L_rank (ranking_loss) over the rows of
     each batch that have a ranking, the teacher's distribution at the temperature fit_temperature
     finds."""
+    args = finetune_args(clip_dir, coco_root, out_dir, seed, epochs, batch_size, lr, max_steps,
+                         flags)
+    run = finetune_setup(args, all_weights, hard_negatives, ranking, ranking_weight)
+    if ranking:
+        run.temperature, run.teacher = teacher_targets(ranking, run.dataset, args.coco_root)
+    finetune_report(run)
+    start = time.perf_counter()
+    losses = finetune_loop(run)
+    out = finetune_export(run, losses, start)
+    if losses:
+        print(f"done: {len(losses)} steps, loss {losses[0]:.4f} → {losses[-1]:.4f}; "
+              f"fine-tuned CLIP in {out}")
+    return out
+
+
+def finetune_args(clip_dir, coco_root, out_dir, seed: int, epochs: int | None,
+                  batch_size: int | None, lr: float | None, max_steps: int,
+                  flags: list[str]) -> argparse.Namespace:
+    """train.py's parser's settings: its defaults, then TRAIN_DEFAULTS, then epochs, batch_size, lr
+    where given, then `flags`; λ = 0."""
     chosen = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     settings = {**TRAIN_DEFAULTS, "sds_weight": 0.0,
                 **{k: v for k, v in chosen.items() if v is not None}}
@@ -222,6 +278,13 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     if args.grad_accum != 1:
         raise SystemExit("weights.toyworld.controls: --grad_accum must be 1 here "
                          "(the toy batches fit in memory)")
+    return args
+
+
+def finetune_setup(args: argparse.Namespace, all_weights: bool, hard_negatives: bool,
+                   ranking: dict | None, ranking_weight: float) -> Finetune:
+    """train.py's setup for one process: the CLIP, its tokenizer and the captions; what is trained
+    and AdamW; the data order and length."""
     device, source = torch.device(args.device), hub_path(args.clip)
     try:
         clip, tokenizer = load_clip(source, device), load_tokenizer(source)
@@ -231,7 +294,8 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"weights.toyworld.controls: {err}") from None
 
-    # what is trained: train.py's --trainable (LayerNorms by default) or, for the ceiling, every weight
+    # what is trained: train.py's --trainable (LayerNorms by default) or, for the ceiling, every
+    # weight
     train.set_trainable(clip, "all" if all_weights else args.trainable, args.image_layernorms_only)
     trainable = [p for p in clip.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=train.ADAM_BETAS,
@@ -244,80 +308,118 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
     if steps_per_epoch == 0:
         raise SystemExit(f"weights.toyworld.controls: {len(dataset):,} images make no batch of "
                          f"{args.batch_size}")
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     data = coco.batches(dataset, sampler, args.batch_size, steps_per_epoch, 0, args.num_workers)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    return Finetune(args, device, source, clip, tokenizer, dataset, trainable, optimizer, data,
+                    steps_per_epoch, autocast, all_weights, hard_negatives, ranking, ranking_weight)
 
-    n_trainable = sum(p.numel() for p in trainable)
-    n_frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
-    what = train.TRAINABLE["all" if all_weights else args.trainable]
-    negatives = "2 hard negatives per caption (attribute and object swap)" if hard_negatives else "no hard negatives"
-    if ranking:
-        if [cs[0] for cs in ranking["captions"]] != [cs[0]
-                                                     for cs in dataset.captions[: len(ranking["captions"])]]:
-            raise SystemExit(f"weights.toyworld.controls: the teacher's ranking was computed on other images "
-                             f"than the first {len(ranking['captions']):,} of {args.coco_root}: delete its cache "
-                             f"and rerun")
-        diffusion = torch.tensor(ranking["errors"], dtype=torch.float64)
-        temperature = fit_temperature(diffusion)
-        teacher = F.softmax(-diffusion / temperature, dim=-1).float()  # p_T(c | x), (count, 3)
-        right = 100 * (teacher.argmax(-1) == 0).double().mean().item()
-        negatives += (f"; the teacher's ranking of {len(teacher):,} images' caption and its 2 swaps, temperature "
-                      f"{temperature:.3g} (its top caption the true one on {right:.1f} %), weight {ranking_weight}")
-    print(f"trainable: {n_trainable:,} {what} parameters; frozen: {n_frozen:,}; {negatives}")
-    print(f"{len(dataset):,} images, batch {args.batch_size}, {steps_per_epoch:,} steps per epoch, steps 0 → "
-          f"{last_step}; AdamW lr {args.lr}, warm-up {args.warmup_steps}, cosine {args.cosine}; out {out_dir}")
 
-    losses, start = [], time.perf_counter()
-    desc = "ranking" if ranking else "hard negatives" if hard_negatives else "control"
-    for step in tqdm(range(last_step), desc=desc, unit="step"):
-        for group in optimizer.param_groups:
-            group["lr"] = train.learning_rate(step, args, total_steps)
-        epoch, (pixels, indices, errors) = next(data)
-        coco.check_images(pixels, errors, args.skip_bad_images, device)
-        captions = [dataset.caption(i, epoch) for i in indices]
-        swapped = [n for caption in captions
-                   for n in hard_negative(caption)] if hard_negatives else []
-        ranked = [(row, i) for row, i in enumerate(indices) if ranking
-                  and i < len(ranking["captions"])]
-        triples = [c for _, i in ranked for c in ranking["captions"][i]]
-        with autocast:
-            image_embeds = clip.encode_image(pixels.to(device))  # f_φ(x), (B, D)
-            # (B + 2B + 3R, D)
-            text_embeds = clip.encode_text(tokenizer(captions + swapped + triples).to(device))
-            n_texts = len(captions) + len(swapped)
-            loss = negclip_loss(image_embeds, text_embeds[: len(captions)],
-                                text_embeds[len(captions): n_texts], clip.logit_scale)
-            if ranked:  # + β · KL(p_T ‖ p_CLIP) on the rows with a teacher ranking
-                rows, images = (torch.tensor(x) for x in zip(*ranked))
-                loss = loss + ranking_weight * ranking_loss(
-                    image_embeds[rows.to(device)], text_embeds[n_texts:].view(len(ranked), 3, -1),
-                    teacher[images].to(device), clip.logit_scale)
+def teacher_targets(ranking: dict, dataset: coco.CocoCaptions,
+                    coco_root) -> tuple[float, torch.Tensor]:
+    """The teacher's temperature (fit_temperature) and its p_T(c | x) (count, 3) over each ranked
+    image's caption and two swaps, once the ranking is shown to be of the first training images
+    (its cache is named by count, timesteps and seed, not by the images)."""
+    if ([cs[0] for cs in ranking["captions"]]
+            != [cs[0] for cs in dataset.captions[: len(ranking["captions"])]]):
+        raise SystemExit(f"weights.toyworld.controls: the teacher's ranking was computed on "
+                         f"other images than the first {len(ranking['captions']):,} of "
+                         f"{coco_root}: delete its cache and rerun")
+    diffusion = torch.tensor(ranking["errors"], dtype=torch.float64)
+    temperature = fit_temperature(diffusion)
+    teacher = F.softmax(-diffusion / temperature, dim=-1).float()  # p_T(c | x), (count, 3)
+    return temperature, teacher
+
+
+def finetune_report(run: Finetune) -> None:
+    """What a user needs to trust the run: what is trained and frozen, the negatives or the
+    teacher's ranking, the batch, the steps, where the CLIP goes."""
+    args = run.args
+    what = train.TRAINABLE["all" if run.all_weights else args.trainable]
+    negatives = ("2 hard negatives per caption (attribute and object swap)" if run.hard_negatives
+                 else "no hard negatives")
+    if run.ranking:
+        right = 100 * (run.teacher.argmax(-1) == 0).double().mean().item()
+        negatives += (f"; the teacher's ranking of {len(run.teacher):,} images' caption and its 2 "
+                      f"swaps, temperature {run.temperature:.3g} (its top caption the true one on "
+                      f"{right:.1f} %), weight {run.ranking_weight}")
+    print(f"trainable: {n_parameters(run.clip, True):,} {what} parameters; frozen: "
+          f"{n_parameters(run.clip, False):,}; {negatives}")
+    print(f"{len(run.dataset):,} images, batch {args.batch_size}, {run.steps_per_epoch:,} steps "
+          f"per epoch, steps 0 → {run.last_step}; AdamW lr {args.lr}, warm-up "
+          f"{args.warmup_steps}, cosine {args.cosine}; out {args.out}")
+
+
+def n_parameters(clip: torch.nn.Module, trained: bool) -> int:
+    """The number of CLIP's parameters that are trained (or, trained=False, frozen)."""
+    return sum(p.numel() for p in clip.parameters() if p.requires_grad == trained)
+
+
+def finetune_loop(run: Finetune) -> list[float]:
+    """train.py's loop for one process, with batch_loss's loss: the learning rate, a batch and its
+    captions, the loss, backward, the gradient clipped to --grad_clip, AdamW. Returns the losses."""
+    args, losses = run.args, []
+    desc = "ranking" if run.ranking else "hard negatives" if run.hard_negatives else "control"
+    for step in tqdm(range(run.last_step), desc=desc, unit="step"):
+        for group in run.optimizer.param_groups:
+            group["lr"] = train.learning_rate(step, args, run.total_steps)
+        epoch, (pixels, indices, errors) = next(run.data)
+        coco.check_images(pixels, errors, args.skip_bad_images, run.device)
+        captions = [run.dataset.caption(i, epoch) for i in indices]
+        loss = batch_loss(run, pixels, captions, indices)
         if not torch.isfinite(loss):
-            raise SystemExit(f"weights.toyworld.controls: the loss is {loss.item()} at step {step}; "
-                             f"try a lower --lr")
+            raise SystemExit(f"weights.toyworld.controls: the loss is {loss.item()} at step "
+                             f"{step}; try a lower --lr")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(run.trainable, args.grad_clip or math.inf)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    return losses
 
-    # the export: a CLIP folder with the source's tokenizer files, as train.py's
-    out = Path(args.out)
-    save_clip(clip, out)
+
+def batch_loss(run: Finetune, pixels: torch.Tensor, captions: list[str],
+               indices: list[int]) -> torch.Tensor:
+    """One batch's loss: NegCLIP's over the captions and their swaps (without hard negatives,
+    CLIP's), plus β · L_rank on the rows whose image has a teacher ranking."""
+    swapped = [n for caption in captions
+               for n in hard_negative(caption)] if run.hard_negatives else []
+    ranked = [(row, i) for row, i in enumerate(indices) if run.ranking
+              and i < len(run.ranking["captions"])]
+    triples = [c for _, i in ranked for c in run.ranking["captions"][i]]
+    clip, device = run.clip, run.device
+    with run.autocast:
+        image_embeds = clip.encode_image(pixels.to(device))  # f_φ(x), (B, D)
+        # (B + 2B + 3R, D)
+        text_embeds = clip.encode_text(run.tokenizer(captions + swapped + triples).to(device))
+        n_texts = len(captions) + len(swapped)
+        loss = negclip_loss(image_embeds, text_embeds[: len(captions)],
+                            text_embeds[len(captions): n_texts], clip.logit_scale)
+        if ranked:  # + β · KL(p_T ‖ p_CLIP) on the rows with a teacher ranking
+            rows, images = (torch.tensor(x) for x in zip(*ranked))
+            loss = loss + run.ranking_weight * ranking_loss(
+                image_embeds[rows.to(device)], text_embeds[n_texts:].view(len(ranked), 3, -1),
+                run.teacher[images].to(device), clip.logit_scale)
+    return loss
+
+
+def finetune_export(run: Finetune, losses: list[float], start: float) -> Path:
+    """The fine-tuned CLIP as train.py exports it (a CLIP folder with the source's tokenizer files)
+    and run.json beside it: the settings, the parameter counts, the losses, the seconds since
+    `start`."""
+    out = Path(run.args.out)
+    save_clip(run.clip, out)
     for name in runs.TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
-    record = {"settings": vars(args), "all_weights": all_weights, "hard_negatives": hard_negatives,
+        if (run.source / name).is_file():
+            shutil.copy(run.source / name, out / name)
+    ranking = run.ranking
+    record = {"settings": vars(run.args), "all_weights": run.all_weights,
+              "hard_negatives": run.hard_negatives,
               "ranking": ({"images": len(ranking["captions"]), "timesteps": ranking["timesteps"],
-                           "temperature": temperature, "weight": ranking_weight} if ranking
-                           else None),
-              "trainable": n_trainable, "frozen": n_frozen, "losses": losses,
-              "seconds": round(time.perf_counter() - start, 1)}
+                           "temperature": run.temperature, "weight": run.ranking_weight}
+                          if ranking else None),
+              "trainable": n_parameters(run.clip, True), "frozen": n_parameters(run.clip, False),
+              "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
     (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    if losses:
-        print(f"done: {len(losses)} steps, loss {losses[0]:.4f} → {losses[-1]:.4f}; fine-tuned CLIP in {out}")
     return out
 
 
@@ -325,6 +427,41 @@ def finetune_hard_negatives(clip_dir, coco_root, out_dir, seed: int = 0, all_wei
 
 
 def main(argv=None) -> None:
+    p = get_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    paths = build(Path(args.world), quick=args.quick, models=Path(args.models))
+
+    if args.command == "finetune":
+        ranking = teacher_rankings(paths, args.ranking_images,
+                                   args.ranking_timesteps) if args.ranking else None
+        finetune_hard_negatives(args.clip or paths["clip"], paths["train"], args.out, args.seed,
+                                args.all_weights, max_steps=args.max_steps,
+                                flags=args.train_flags.split(),
+                                hard_negatives=not args.ranking, ranking=ranking,
+                                ranking_weight=args.ranking_weight)
+        print(f"score it: python eval_winoground.py --clip {args.out} --data {paths['test']}")
+    elif args.command == "probe":
+        r = binding_probe(args.clip or paths["clip"], paths, args.split)
+        print(f"probe ({args.split}): first colour: image {r['first colour, image']:.1f}, text "
+              f"{r['first colour, text']:.1f} (chance {r['first colour, chance']:.1f}, from the "
+              f"colours alone {r['first colour, from the colours alone']:.1f}); colour pair: image "
+              f"{r['colour pair, image']:.1f}, text {r['colour pair, text']:.1f} "
+              f"(chance {r['colour pair, chance']:.1f})")
+    elif args.command == "retention":
+        r = retention(args.clip or paths["clip"], paths, args.split)
+        print(f"retention ({args.split}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
+    else:
+        names = args.names or [Path(run).name for run in args.runs]
+        if len(names) != len(args.runs):
+            p.error(f"--names gives {len(names)} titles for {len(args.runs)} --runs")
+        hw_picture(dict(zip(names, map(Path, args.runs))), paths, args.out, args.count)
+        print(f"wrote {args.out}: the real images, then h_w(f_φ(x)) decoded by the VAE for "
+              + ", ".join(names))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The command line: finetune, probe, retention and picture, each with the world's options."""
     world = argparse.ArgumentParser(add_help=False)
     world.add_argument("--world", default=str(TOY_DIR),
                        help="the toy world's data folder (drawn there if missing)")
@@ -335,6 +472,25 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
+    add_finetune_parser(commands, world)
+    for name, help_ in (("probe", "linear probes on the frozen embeddings"),
+                        ("retention", "the base skill")):
+        c = commands.add_parser(name, parents=[world], help=help_)
+        c.add_argument("--clip", help="a CLIP folder (default: the world's pre-trained CLIP)")
+        c.add_argument("--split", choices=("val", "test", "new_objects"), default="test",
+                       help="the split to test on")
+    c = commands.add_parser("picture", parents=[world],
+                            help="h_w(f_φ(x)) decoded by the VAE, per run")
+    c.add_argument("--runs", nargs="+", required=True,
+                   help="train.py output folders (with mapper.safetensors)")
+    c.add_argument("--names", nargs="+", help="a column title per run (default: the folder names)")
+    c.add_argument("--out", required=True, help="the PNG to write")
+    c.add_argument("--count", type=int, default=6, help="test images")
+    return p
+
+
+def add_finetune_parser(commands, world: argparse.ArgumentParser) -> None:
+    """The finetune command's options: the run's, then the teacher's ranking's."""
     f = commands.add_parser("finetune", parents=[world],
                             help="the positive control (or --all_weights: the ceiling)")
     f.add_argument("--out", required=True, help="the fine-tuned CLIP's folder")
@@ -355,20 +511,10 @@ def main(argv=None) -> None:
                    help="training images ranked")
     f.add_argument("--ranking_timesteps", type=int, default=RANKING_TIMESTEPS,
                    help="diffusion timesteps per pair")
-    for name, help_ in (("probe", "linear probes on the frozen embeddings"),
-                        ("retention", "the base skill")):
-        c = commands.add_parser(name, parents=[world], help=help_)
-        c.add_argument("--clip", help="a CLIP folder (default: the world's pre-trained CLIP)")
-        c.add_argument("--split", choices=("val", "test", "new_objects"), default="test",
-                       help="the split to test on")
-    c = commands.add_parser("picture", parents=[world],
-                            help="h_w(f_φ(x)) decoded by the VAE, per run")
-    c.add_argument("--runs", nargs="+", required=True,
-                   help="train.py output folders (with mapper.safetensors)")
-    c.add_argument("--names", nargs="+", help="a column title per run (default: the folder names)")
-    c.add_argument("--out", required=True, help="the PNG to write")
-    c.add_argument("--count", type=int, default=6, help="test images")
-    args = p.parse_args(argv)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The settings that argparse cannot check alone, each a p.error that names the flag."""
     if args.quick and Path(args.world) == TOY_DIR:
         p.error(f"--quick needs its own --world folder: {TOY_DIR} holds the full world")
     if args.command == "finetune" and not (math.isfinite(args.ranking_weight)
@@ -376,34 +522,8 @@ def main(argv=None) -> None:
         p.error(f"--ranking_weight must be a finite number, 0 or more; got {args.ranking_weight}")
     if args.command == "finetune" and not (args.ranking_images >= 1
                                            and 1 <= args.ranking_timesteps <= 1000):
-        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; got "
-                f"{args.ranking_images} and {args.ranking_timesteps}")
-    paths = build(Path(args.world), quick=args.quick, models=Path(args.models))
-
-    if args.command == "finetune":
-        ranking = teacher_rankings(paths, args.ranking_images,
-                                   args.ranking_timesteps) if args.ranking else None
-        finetune_hard_negatives(args.clip or paths["clip"], paths["train"], args.out, args.seed,
-                                args.all_weights, max_steps=args.max_steps,
-                                flags=args.train_flags.split(),
-                                hard_negatives=not args.ranking, ranking=ranking,
-                                ranking_weight=args.ranking_weight)
-        print(f"score it: python eval_winoground.py --clip {args.out} --data {paths['test']}")
-    elif args.command == "probe":
-        r = binding_probe(args.clip or paths["clip"], paths, args.split)
-        print(f"probe ({args.split}): first colour: image {r['first colour, image']:.1f}, text "
-              f"{r['first colour, text']:.1f} (chance {r['first colour, chance']:.1f}, from the colours alone "
-              f"{r['first colour, from the colours alone']:.1f}); colour pair: image {r['colour pair, image']:.1f}, "
-              f"text {r['colour pair, text']:.1f} (chance {r['colour pair, chance']:.1f})")
-    elif args.command == "retention":
-        r = retention(args.clip or paths["clip"], paths, args.split)
-        print(f"retention ({args.split}): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
-    else:
-        names = args.names or [Path(run).name for run in args.runs]
-        if len(names) != len(args.runs):
-            p.error(f"--names gives {len(names)} titles for {len(args.runs)} --runs")
-        hw_picture(dict(zip(names, map(Path, args.runs))), paths, args.out, args.count)
-        print(f"wrote {args.out}: the real images, then h_w(f_φ(x)) decoded by the VAE for " + ", ".join(names))
+        p.error(f"--ranking_images must be 1 or more and --ranking_timesteps between 1 and 1000; "
+                f"got {args.ranking_images} and {args.ranking_timesteps}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval_winoground import bootstrap_interval, compare_runs, format_comparison, image_correct, text_correct
+from eval_winoground import (bootstrap_interval, compare_runs, format_comparison, image_correct,
+                             text_correct)
 
 from . import probes  # the probes and retention of the CLIP rows (--mechanism)
 from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build
@@ -130,14 +131,16 @@ def table(split: str, plan: list, done: list, part: str = "rows") -> str:
             column_values = [v[column] for v in values]
             spread = f" ± {statistics.stdev(column_values):.1f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(column_values):.1f}{spread}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(seconds[name]):.0f} |")
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {statistics.mean(seconds[name]):.0f} |")
     return "\n".join(lines)
 
 
 def label(settings: dict, row: str) -> str:
     """A run's configuration in a few words: trainable set, row, λ and mapper of the SDS rows."""
     flags = settings["train_flags"].split()
-    option = lambda name, default: flags[flags.index(name) + 1] if name in flags else default  # noqa: E731
+    option = lambda name, default: (flags[flags.index(name) + 1]  # noqa: E731
+                                    if name in flags else default)
     trainable = "all" if row == "ceiling" else option("--trainable", "layernorm")
     what = {"full": f"SDS full, lambda {settings['sds_weight']:g}", "control": "control (lambda 0)",
             "stopgrad": f"SDS stopgrad, lambda {settings['sds_weight']:g}"}.get(row, row)
@@ -153,22 +156,7 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
     Returns the rows drawn."""
     from PIL import Image, ImageDraw  # noqa: PLC0415 (only the picture needs it)
 
-    rows = {}  # label → (trainable, [per seed: group credits of the tag's examples])
-    for results_file in results_files:
-        results = json.loads(Path(results_file).read_text())
-        for row, seed in results["plan"]:
-            records_file = Path(results_file).parent / f"{split}-{row}-seed{seed}.json"
-            if row in ("clip", "diffusion") or not records_file.is_file():
-                continue
-            records = json.loads(records_file.read_text())["examples"]
-            credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
-                       if r["collapsed_tag"] == tag]
-            name = label(results["settings"], row)
-            # the trainable set and the epochs
-            group = name.split(":")[0] + name[name.rindex(" ("):]
-            rows.setdefault(name, (group, []))[1].append(credits)
-    if not rows:
-        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in {[str(f) for f in results_files]}")
+    rows = picture_rows(results_files, split, tag)
     bands = {trainable: (100 * bootstrap_interval(np.array(runs[0], dtype=float)), runs)
              for name, (trainable, runs) in rows.items() if "control" in name}
     sets = ["layernorm", "image", "all"]
@@ -204,39 +192,31 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
     return [(name, [100 * float(np.mean(c)) for c in rows[name][1]]) for name in order]
 
 
+def picture_rows(results_files: list[Path], split: str, tag: str) -> dict:
+    """The fine-tuned runs of the results files, by label: label → (its control's group: the
+    trainable set and the epochs, [per seed: the group credit of each of the tag's examples])."""
+    rows = {}
+    for results_file in results_files:
+        results = json.loads(Path(results_file).read_text())
+        for row, seed in results["plan"]:
+            records_file = Path(results_file).parent / f"{split}-{row}-seed{seed}.json"
+            if row in ("clip", "diffusion") or not records_file.is_file():
+                continue
+            records = json.loads(records_file.read_text())["examples"]
+            credits = [text_correct(r["scores"]) and image_correct(r["scores"]) for r in records
+                       if r["collapsed_tag"] == tag]
+            name = label(results["settings"], row)
+            # the trainable set and the epochs
+            group = name.split(":")[0] + name[name.rindex(" ("):]
+            rows.setdefault(name, (group, []))[1].append(credits)
+    if not rows:
+        raise SystemExit(f"weights.toyworld.evidence: no {split} runs in "
+                         f"{[str(f) for f in results_files]}")
+    return rows
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--splits", nargs="+", choices=SPLITS, default=["test", "new_objects"],
-                   help="the splits to score (choose settings on val)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="fine-tuning / noise seeds")
-    p.add_argument("--rows", nargs="+", choices=ROWS,
-                   default=["clip", "control", "full", "diffusion"], help="which rows to run")
-    p.add_argument("--sds_weight", type=float, default=TRAIN_DEFAULTS["sds_weight"],
-                   help="λ of the SDS rows")
-    p.add_argument("--timesteps", type=int, default=100, help="diffusion score: timesteps per pair")
-    p.add_argument("--train_flags", default="",
-                   help="extra train.py flags for every fine-tuned row")
-    p.add_argument("--mechanism", action="store_true",
-                   help="also the probes and retention of every CLIP row, on the first of --splits")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at a time (each on one thread when more than 1)")
-    p.add_argument("--out", default="out/toy-evidence", help="runs and results.json")
-    p.add_argument("--world",
-                   help="the toy world's data folder, drawn there if missing (default: weights/toy, or "
-                                   "out/toy-quick with --quick)")
-    p.add_argument("--models", default=str(MODELS_DIR),
-                   help="the toy world's models (default: the shipped ones)")
-    p.add_argument("--quick", action="store_true",
-                   help="the --quick world (a check of this script, not evidence)")
-    p.add_argument("--tables_only", action="store_true",
-                   help="no run: the tables and comparisons of the runs "
-                   "already in --out's results.json (seeds run apart, say)")
-    p.add_argument("--picture", help="draw this PNG from --results (no run)")
-    p.add_argument("--results", nargs="+", default=[],
-                   help="results.json files of earlier runs, for --picture")
-    args = p.parse_args()
+    args = get_args()
     if args.picture:
         split = args.splits[0] if args.splits != ["test", "new_objects"] else "val"
         for name, values in picture([Path(f) for f in args.results], Path(args.picture), split):
@@ -256,9 +236,50 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
         plan, done = save_results(out, settings, plan, done)
+    print_tables(args, out, plan, done)
 
-    print(f"\nseeds {sorted({seed for _, seed in plan})}, λ = {args.sds_weight}, diffusion score at "
-          f"{args.timesteps} timesteps, train.py "
+
+def get_args() -> argparse.Namespace:
+    """The command line (sys.argv): what to run, where, and the settings of its runs."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=["test", "new_objects"],
+                   help="the splits to score (choose settings on val)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="fine-tuning / noise seeds")
+    p.add_argument("--rows", nargs="+", choices=ROWS,
+                   default=["clip", "control", "full", "diffusion"], help="which rows to run")
+    p.add_argument("--sds_weight", type=float, default=TRAIN_DEFAULTS["sds_weight"],
+                   help="λ of the SDS rows")
+    p.add_argument("--timesteps", type=int, default=100, help="diffusion score: timesteps per pair")
+    p.add_argument("--train_flags", default="",
+                   help="extra train.py flags for every fine-tuned row")
+    p.add_argument("--mechanism", action="store_true",
+                   help="also the probes and retention of every CLIP row, on the first of --splits")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (each on one thread when more than 1)")
+    p.add_argument("--out", default="out/toy-evidence", help="runs and results.json")
+    p.add_argument("--world",
+                   help="the toy world's data folder, drawn there if missing "
+                   "(default: weights/toy, or out/toy-quick with --quick)")
+    p.add_argument("--models", default=str(MODELS_DIR),
+                   help="the toy world's models (default: the shipped ones)")
+    p.add_argument("--quick", action="store_true",
+                   help="the --quick world (a check of this script, not evidence)")
+    p.add_argument("--tables_only", action="store_true",
+                   help="no run: the tables and comparisons of the runs "
+                   "already in --out's results.json (seeds run apart, say)")
+    p.add_argument("--picture", help="draw this PNG from --results (no run)")
+    p.add_argument("--results", nargs="+", default=[],
+                   help="results.json files of earlier runs, for --picture")
+    return p.parse_args()
+
+
+def print_tables(args: argparse.Namespace, out: Path, plan: list, done: list) -> None:
+    """The settings, then per split: the table, the probes and retention (--mechanism), what each
+    term sends to f_φ(x) (the first split), and each row against the control, seeds paired."""
+    print(f"\nseeds {sorted({seed for _, seed in plan})}, λ = {args.sds_weight}, diffusion score "
+          f"at {args.timesteps} timesteps, train.py "
           f"{' '.join(f'--{k} {v}' for k, v in TRAIN_DEFAULTS.items() if k != 'sds_weight')} "
           f"{args.train_flags}".rstrip())
     for split in args.splits:
@@ -279,8 +300,8 @@ def gradient_table(out: Path, plan: list) -> str:
     """What each loss term sent to CLIP's image embedding in every train.py run of the table
     (log.jsonl): ‖∂L_CLIP/∂f‖ and ‖∂(λ·L_SDS)/∂f‖, the mean over the first and the last tenth of the
     steps, and L_SDS."""
-    lines = ["| row, seed | ‖∂L_CLIP/∂f‖ first → last tenth | ‖∂(λ·L_SDS)/∂f‖ first → last tenth | ratio (mean) | "
-             "L_SDS first → last tenth |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| row, seed | ‖∂L_CLIP/∂f‖ first → last tenth | ‖∂(λ·L_SDS)/∂f‖ first → last tenth | "
+             "ratio (mean) | L_SDS first → last tenth |", "| --- | --- | --- | --- | --- |"]
     for row, seed in plan:
         log = out / f"{row}-seed{seed}" / "log.jsonl"
         records = [json.loads(line)
@@ -298,8 +319,8 @@ def gradient_table(out: Path, plan: list) -> str:
         clip_mean = statistics.mean(r["clip_grad_norm"] for r in records)
         ratio = statistics.mean(r["sds_grad_norm"]
                                 for r in records) / clip_mean if clip_mean else math.nan
-        lines.append(f"| {row}, {seed} | {span('clip_grad_norm')} | {span('sds_grad_norm')} | {ratio:.3g} | "
-                     f"{span('sds_loss')} |")
+        lines.append(f"| {row}, {seed} | {span('clip_grad_norm')} | {span('sds_grad_norm')} | "
+                     f"{ratio:.3g} | {span('sds_loss')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -322,7 +343,8 @@ def merge_results(file: Path, settings: dict, plan: list, done: list) -> tuple[l
                                                                            for k in SAME}:
             runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])}
         else:
-            print(f"weights.toyworld.evidence: {file} was written with other settings; it is replaced", file=sys.stderr)
+            print(f"weights.toyworld.evidence: {file} was written with other settings; it is "
+                  f"replaced", file=sys.stderr)
     runs |= {tuple(rs): result for rs, result in zip(plan, done)}
     results = {"settings": settings, "train_defaults": TRAIN_DEFAULTS, "plan": list(runs),
                "runs": list(runs.values())}
@@ -341,11 +363,13 @@ def earlier_runs(out: Path, settings: dict, plan: list) -> tuple[list, list]:
     and --seeds name."""
     file = out / "results.json"
     if not file.is_file():
-        raise SystemExit(f"weights.toyworld.evidence: --tables_only: {file} not found; run without --tables_only first")
+        raise SystemExit(f"weights.toyworld.evidence: --tables_only: {file} not found; run without "
+                         f"--tables_only first")
     earlier = json.loads(file.read_text())
     if {k: v for k, v in earlier["settings"].items() if k in SAME} != {k: settings[k]
                                                                        for k in SAME}:
-        raise SystemExit(f"weights.toyworld.evidence: {file} was written with other settings than these ({', '.join(SAME)})")
+        raise SystemExit(f"weights.toyworld.evidence: {file} was written with other settings than "
+                         f"these ({', '.join(SAME)})")
     runs = {tuple(rs): result for rs, result in zip(earlier["plan"], earlier["runs"])
             if tuple(rs) in set(plan)}
     return list(runs), list(runs.values())
@@ -362,12 +386,15 @@ def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
         for name in ("control", row):
             examples = []
             for seed in seeds:
-                records = json.loads((out / f"{split}-{name}-seed{seed}.json").read_text())["examples"]
+                records = json.loads(
+                    (out / f"{split}-{name}-seed{seed}.json").read_text())["examples"]
                 examples += [r | {"id": 100_000 * seed + r["id"]} for r in records
                              if tag in (None, r["collapsed_tag"])]
-            files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}-seeds{'-'.join(map(str, seeds))}.json")
+            files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}"
+                               f"-seeds{'-'.join(map(str, seeds))}.json")
             files[-1].write_text(json.dumps({"examples": examples}) + "\n")
-        what = f"{split}, {'every example' if tag is None else tag + ' swaps'}, seeds {seeds} pooled"
+        what = (f"{split}, {'every example' if tag is None else tag + ' swaps'}, "
+                f"seeds {seeds} pooled")
         lines.append(f"{row} against control ({what}):\n" + format_comparison(compare_runs(*files)))
     return "\n".join(lines)
 

@@ -125,8 +125,8 @@ def majority(labels: list) -> float:
     return 100 * Counter(labels).most_common(1)[0][1] / len(labels)
 
 
-def binding_probe(clip_dir, paths: dict, split: str = "test", train_images: int = 2000) -> dict[str,
-                                                                                                float]:
+def binding_probe(clip_dir, paths: dict, split: str = "test",
+                  train_images: int = 2000) -> dict[str, float]:
     """Linear probes on the frozen embeddings of the CLIP in clip_dir, each question asked of the
     images and of the captions: trained on the first `train_images` train-split images (and all
     their captions), tested on the images and captions of `split` (a caption's label: the scene of
@@ -156,8 +156,8 @@ def binding_probe(clip_dir, paths: dict, split: str = "test", train_images: int 
         by_pair[colour_pair(scene)].append(first_colour(scene))
     results["first colour, from the colours alone"] = 100 * sum(
         Counter(firsts).most_common(1)[0][1] for firsts in by_pair.values()) / len(test_scenes)
-    print(f"probes on {len(train_scenes):,} train images and their {len(scenes['text'][0]):,} captions, "
-          f"tested on {len(test_scenes)} {split} images and captions")
+    print(f"probes on {len(train_scenes):,} train images and their {len(scenes['text'][0]):,} "
+          f"captions, tested on {len(test_scenes)} {split} images and captions")
     return results
 
 
@@ -201,8 +201,8 @@ def load_mapper(folder: Path, embed_dim: int) -> Mapper:
     """h_w from a train.py output folder's mapper.safetensors (its latent shape in the metadata)."""
     file = Path(folder) / "mapper.safetensors"
     if not file.is_file():
-        raise SystemExit(f"weights.toyworld.controls: {file} not found: the picture needs a train.py output "
-                         f"folder (train.py writes h_w there)")
+        raise SystemExit(f"weights.toyworld.controls: {file} not found: the picture needs a "
+                         f"train.py output folder (train.py writes h_w there)")
     with safe_open(file, "pt") as f:
         latent_shape = json.loads(f.metadata()["latent_shape"])
     mapper = Mapper(embed_dim, latent_shape)
@@ -226,9 +226,9 @@ def hw_picture(model_dirs: dict[str, Path], paths: dict, file, count: int = 6,
         clip = load_clip(folder).eval()
         mapper = load_mapper(folder, clip.config.projection_dim)
         if mapper.latent_shape[0] != vae.config.latent_channels:
-            raise SystemExit(f"weights.toyworld.controls: {folder}'s h_w makes latents {mapper.latent_shape}, "
-                             f"the VAE in {paths['sd']} takes {vae.config.latent_channels} channels: "
-                             f"another world's run?")
+            raise SystemExit(f"weights.toyworld.controls: {folder}'s h_w makes latents "
+                             f"{mapper.latent_shape}, the VAE in {paths['sd']} takes "
+                             f"{vae.config.latent_channels} channels: another world's run?")
         z0 = mapper(clip.encode_image(clip_pixels(pixels)))  # z_0 = h_w(f_φ(x)), (count, 4, h, w)
         decoded[name] = vae.latents_to_images(z0)  # D(z_0 / scaling_factor), (count, 3, H, W)
         columns.append([(im, name) for im in to_pil(decoded[name])])

@@ -92,7 +92,8 @@ UNET_CONFIG = UNetConfig(
 )
 CAPTION_DROP = 0.1  # the UNet sees the empty prompt this often, so that it means "any image"
 
-# train.py --toy: the settings of the SDS-CLIP run on this world (README: why they differ from the paper's).
+# train.py --toy: the settings of the SDS-CLIP run on this world (README: why they differ from the
+# paper's).
 TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "sds_weight": 1.0, "sds_mode": "full",
                   "num_workers": 0, "save_every": 0}
 
@@ -349,7 +350,8 @@ def fresh_folder(folder: Path) -> None:
     """Empty `folder` for a build: only ever remove a folder build() built."""
     if folder.exists() and any(folder.iterdir()) and not is_toy_build(folder):
         raise SystemExit(f"{folder} exists and is not a toy-world build (no build.json written by "
-                         f"weights/toyworld/recipe.py): nothing was removed; choose a new or empty folder with --out")
+                         f"weights/toyworld/recipe.py): nothing was removed; choose a new or empty "
+                         f"folder with --out")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
 
@@ -393,12 +395,14 @@ def check_shipped(models: Path) -> None:
     try:
         listed = json.loads((models / "models.json").read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"{models / 'models.json'} cannot be read ({err}): restore weights/toy-models with `git "
-                         f"checkout weights/toy-models`, or train them with `python -m weights.toyworld --rebuild`")
+        raise SystemExit(f"{models / 'models.json'} cannot be read ({err}): restore "
+                         f"weights/toy-models with `git checkout weights/toy-models`, or train "
+                         f"them with `python -m weights.toyworld --rebuild`")
     for name, digest in listed.items():
         if not (models / name).is_file() or sha256(models / name) != digest:
-            raise SystemExit(f"{models / name} is missing or differs from the sha256 in {models / 'models.json'}: "
-                             f"restore it with `git checkout weights/toy-models`, or train the models again with "
+            raise SystemExit(f"{models / name} is missing or differs from the sha256 in "
+                             f"{models / 'models.json'}: restore it with `git checkout "
+                             f"weights/toy-models`, or train the models again with "
                              f"`python -m weights.toyworld --rebuild`")
 
 
@@ -411,11 +415,13 @@ def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, rebuild: bool
     recipe = QUICK if quick else Recipe()
     models = out / "models" if quick else Path(models)
     if not (quick or rebuild) and seed != 0:
-        raise SystemExit("the shipped toy models were trained on the data of --seed 0; for another seed, "
-                         "train them too with --rebuild (and --models DIR to keep the shipped ones)")
-    if rebuild and models.is_dir() and any(models.iterdir()) and not (models / "models.json").is_file():
-        raise SystemExit(f"{models} holds files but no models.json: it is not a toy-models folder, and nothing was "
-                         f"removed; choose a new or empty folder with --models")
+        raise SystemExit("the shipped toy models were trained on the data of --seed 0; for another "
+                         "seed, train them too with --rebuild (and --models DIR to keep the "
+                         "shipped ones)")
+    if (rebuild and models.is_dir() and any(models.iterdir())
+            and not (models / "models.json").is_file()):
+        raise SystemExit(f"{models} holds files but no models.json: it is not a toy-models folder, "
+                         f"and nothing was removed; choose a new or empty folder with --models")
     data = out / "data"
     paths = {"train": data / "train", "val": data / "val", "test": data / "test",
              "new_objects": data / "test-new-objects", "clip": models / "clip", "sd": models / "sd"}
@@ -425,7 +431,8 @@ def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, rebuild: bool
             and {k: v for k, v in json.loads((out / "build.json").read_text()).items()
                                    if k in settings} == settings):
         fresh_folder(out)
-        print(f"drawing the toy world's data in {data} (seed {seed}{', quick' if quick else ''}; cached afterwards)")
+        print(f"drawing the toy world's data in {data} (seed {seed}{', quick' if quick else ''}; "
+              f"cached afterwards)")
         start = time.perf_counter()
         draw_data(data, recipe, seed)
         contact_sheet(paths["test"], out / "contact_sheet.png")

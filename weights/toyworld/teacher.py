@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip import CLIP, Tokenizer
-from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, encode_prompt
+from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, StableDiffusion, encode_prompt
 from unet import UNet
 from vae import VAE
 from weights.networks import load_clip, load_stable_diffusion, load_tokenizer
@@ -88,10 +88,9 @@ def check_teacher(paths: dict[str, Path], splits=("val", "test", "new_objects"),
     `timesteps` shared-noise timesteps (group per tag, plain and normalised; 0: not computed), and
     CLIP's scores and image→caption R@1 among the split's distinct captions. Printed and
     returned."""
-    from eval_winoground import clip_scores, diffusion_errors, score_examples
-    from weights.winoground import Winoground
     # the scorers of eval_winoground.py, run in this process
-    from eval_winoground import timestep_grid
+    from eval_winoground import clip_scores, score_examples
+    from weights.winoground import Winoground
 
     sd = load_stable_diffusion(paths["sd"])
     clip, tokenizer = load_clip(paths["clip"]), load_tokenizer(paths["clip"])
@@ -100,14 +99,7 @@ def check_teacher(paths: dict[str, Path], splits=("val", "test", "new_objects"),
         examples, scenes, images = read_split(paths[split])
         truth = [scenes[e[f"image_{k}"]] for e in examples for k in range(2)]
         captions = [e[f"caption_{k}"] for e in examples for k in range(2)]
-        real = as_pixels(images)
-        with torch.no_grad():
-            recon = torch.cat([sd.vae.decode(sd.vae.encode(vae_pixels(p)).mean)
-                               for p in real.split(256)])
-        mse = ((recon.clamp(-1, 1) - vae_pixels(real)) / 2).pow(2).mean()  # on [0, 1]
-        samples = torch.cat([sample(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer,
-                                    captions[i:i + 256], guidance,
-                                    seed=seed + i) for i in range(0, len(captions), 256)])
+        recon, mse, samples = reconstruct_and_sample(sd, images, captions, guidance, seed)
         data = Winoground(paths[split])
         clip_records = score_examples(data.examples,
                                       clip_scores(clip, tokenizer, data, data.examples))
@@ -122,27 +114,57 @@ def check_teacher(paths: dict[str, Path], splits=("val", "test", "new_objects"),
                                                                   for im, s in zip(to_pil(recon),
                                                                                    truth)])),
             "reader on samples": 100 * float(np.mean(drawn)),
-            "reader on samples, per tag": {tag: 100 * float(np.mean([right
-                                                                     for n, right in enumerate(drawn)
-                                                                     if examples[n // 2]["collapsed_tag"] == tag]))
-                                           for tag in TAGS},
+            "reader on samples, per tag": per_tag(drawn, examples),
             "CLIP group per tag": group_by_tag(clip_records),
             "CLIP image→caption R@1, scene": recall_scene,
             "CLIP image→caption R@1, objects": recall_objects,
         }
         if timesteps:  # the costly part: 3 prompts × 2 images × timesteps UNet calls per example
-            errors = diffusion_errors(sd, data, data.examples, timestep_grid(timesteps), seed=seed,
-                                      batch_size=600, unconditional=True)  # (N, 3, 2, T)
-            plain = -errors[:, :2].mean(-1)  # s(c, i) = −E_t ‖ε_θ(z_t, t, c) − ε‖²
-            normalised = -(errors[:, :2] - errors[:, 2:]).mean(-1)  # minus the empty prompt's error
-            checks[split]["diffusion group per tag"] = group_by_tag(score_examples(data.examples,
-                                                                                   plain))
-            checks[split]["diffusion group per tag, image score normalised"] = group_by_tag(
-                score_examples(data.examples, plain, normalised))
+            checks[split] |= diffusion_checks(sd, data, timesteps, seed)
         print(f"{split}: " + "; ".join(f"{k} {v:.1f}" if isinstance(v, float) else
                                         f"{k} " + " / ".join(f"{t} {x:.1f}" for t, x in v.items())
                                         for k, v in checks[split].items()), flush=True)
     return checks
+
+
+def reconstruct_and_sample(sd: StableDiffusion, images: list[Image.Image], captions: list[str],
+                           guidance: float,
+                           seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VAE's reconstructions of the images (B, 3, H, W) and their mean squared error on [0, 1];
+    a sample of each caption, drawn 256 at a time (a chunk at i from seed + i)."""
+    real = as_pixels(images)
+    with torch.no_grad():
+        recon = torch.cat([sd.vae.decode(sd.vae.encode(vae_pixels(p)).mean)
+                           for p in real.split(256)])
+    mse = ((recon.clamp(-1, 1) - vae_pixels(real)) / 2).pow(2).mean()  # on [0, 1]
+    samples = torch.cat([sample(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer,
+                                captions[i:i + 256], guidance,
+                                seed=seed + i) for i in range(0, len(captions), 256)])
+    return recon, mse, samples
+
+
+def per_tag(right: list[bool], examples: list[dict]) -> dict[str, float]:
+    """Per tag, the share (%) of the images of its examples that are `right` (image 2n + k belongs
+    to example n)."""
+    return {tag: 100 * float(np.mean([r for n, r in enumerate(right)
+                                      if examples[n // 2]["collapsed_tag"] == tag]))
+            for tag in TAGS}
+
+
+def diffusion_checks(sd: StableDiffusion, data, timesteps: int,
+                     seed: int) -> dict[str, dict[str, float]]:
+    """The diffusion score's group per tag on `data` (a Winoground split), `timesteps` grid
+    timesteps with noise shared by the captions: plain, and with the image score normalised by the
+    empty prompt's error."""
+    from eval_winoground import diffusion_errors, score_examples, timestep_grid
+
+    errors = diffusion_errors(sd, data, data.examples, timestep_grid(timesteps), seed=seed,
+                              batch_size=600, unconditional=True)  # (N, 3, 2, T)
+    plain = -errors[:, :2].mean(-1)  # s(c, i) = −E_t ‖ε_θ(z_t, t, c) − ε‖²
+    normalised = -(errors[:, :2] - errors[:, 2:]).mean(-1)  # minus the empty prompt's error
+    return {"diffusion group per tag": group_by_tag(score_examples(data.examples, plain)),
+            "diffusion group per tag, image score normalised": group_by_tag(
+                score_examples(data.examples, plain, normalised))}
 
 
 @torch.no_grad()
