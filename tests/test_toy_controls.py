@@ -19,8 +19,7 @@ from safetensors.torch import save_file
 import train
 from sds import Mapper, contrastive_loss
 from weights import toyworld
-from weights.networks import load_clip, load_stable_diffusion, load_tokenizer, save_clip
-from weights.networks import load_vae
+from weights.networks import load_clip, load_stable_diffusion, load_tokenizer, load_vae, save_clip
 from weights.toyworld import controls as tc
 from weights.toyworld import probes as tp
 

@@ -23,9 +23,7 @@ from sds import NoiseSchedule, encode_prompt
 from unet import UNet
 from weights import toyworld
 from weights.coco import CocoCaptions
-from weights.networks import load_clip, load_stable_diffusion, load_tokenizer
-from weights.networks import load_unet
-from weights.networks import load_vae
+from weights.networks import load_clip, load_stable_diffusion, load_tokenizer, load_unet, load_vae
 from weights.winoground import Winoground
 
 REPO = Path(__file__).resolve().parent.parent

@@ -402,8 +402,7 @@ def test_mapper_fitted_is_the_ridge_fit_frozen_and_resumes_bit_identical(assets,
                      r"[-0-9.]+ on 2 held out; then frozen", result.stdout)
     assert "(h_w's 4,352 parameters fitted, then frozen)" in result.stdout
     # the exported h_w is the fit, untouched by training: refit it here from the source CLIP and the VAE
-    from sds import fit_mapper
-    from sds import sd_image_transform
+    from sds import fit_mapper, sd_image_transform
     from weights.images import open_image
     from weights.networks import load_vae
     dataset = CocoCaptions(assets / "coco", image_transform(IMAGE_SIZE), image_size=IMAGE_SIZE)

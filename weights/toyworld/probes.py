@@ -28,8 +28,7 @@ from safetensors.torch import load_file
 from clip import Tokenizer
 from sds import Mapper
 from weights import coco
-from weights.networks import load_clip, load_tokenizer
-from weights.networks import load_vae
+from weights.networks import load_clip, load_tokenizer, load_vae
 
 from .teacher import caption_recall
 from .world import COLOURS, SHAPES, as_pixels, clip_pixels, read_split, sheet, to_pil

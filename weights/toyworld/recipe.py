@@ -33,9 +33,7 @@ from sds import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, NoiseSchedule, contra
 from sds import encode_prompt
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
-from weights.networks import save_clip
-from weights.networks import save_unet
-from weights.networks import save_vae
+from weights.networks import save_clip, save_unet, save_vae
 
 from .world import IMAGE_SIZE, NEW_OBJECT_BLOCK, TEST_BLOCKS, VAL_BLOCKS, TrainSet, clip_pixels
 from .world import contact_sheet, vae_pixels, write_train, write_winoground

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip import CLIP, Tokenizer
+# the scorers of eval_winoground.py, run in this process (the toy world sits on top of it)
+from eval_winoground import clip_scores, diffusion_errors, score_examples, timestep_grid
 from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, StableDiffusion, encode_prompt
 from unet import UNet
 from vae import VAE
-from weights.networks import load_clip, load_stable_diffusion, load_tokenizer
-from weights.networks import load_unet
-from weights.networks import load_vae
+from weights.networks import load_clip, load_stable_diffusion, load_tokenizer, load_unet, load_vae
+from weights.winoground import Winoground
 
 from .world import COLOURS, IMAGE_SIZE, TAGS, as_pixels, clip_pixels, read_split, sheet, to_pil
 from .world import vae_pixels
@@ -88,10 +89,6 @@ def check_teacher(paths: dict[str, Path], splits=("val", "test", "new_objects"),
     `timesteps` shared-noise timesteps (group per tag, plain and normalised; 0: not computed), and
     CLIP's scores and image→caption R@1 among the split's distinct captions. Printed and
     returned."""
-    # the scorers of eval_winoground.py, run in this process
-    from eval_winoground import clip_scores, score_examples
-    from weights.winoground import Winoground
-
     sd = load_stable_diffusion(paths["sd"])
     clip, tokenizer = load_clip(paths["clip"]), load_tokenizer(paths["clip"])
     checks = {}
@@ -156,7 +153,6 @@ def diffusion_checks(sd: StableDiffusion, data, timesteps: int,
     """The diffusion score's group per tag on `data` (a Winoground split), `timesteps` grid
     timesteps with noise shared by the captions: plain, and with the image score normalised by the
     empty prompt's error."""
-    from eval_winoground import diffusion_errors, score_examples, timestep_grid
 
     errors = diffusion_errors(sd, data, data.examples, timestep_grid(timesteps), seed=seed,
                               batch_size=600, unconditional=True)  # (N, 3, 2, T)
