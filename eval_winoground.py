@@ -52,7 +52,7 @@ from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, StableDiffusion, denoising_e
 from sds import sd_image_transform
 from weights.networks import DOWNLOAD_HINT, hub_path, load_clip, load_stable_diffusion, load_tokenizer
 from weights.runs import can_write, write_results
-from weights.winoground import METRICS, Example, ImagePairs, Winoground, read_run
+from weights.winoground import METRICS, Example, ImagePairs, Winoground, read_pair
 
 DEFAULT_DATA = "weights/winoground"
 DEFAULT_CLIP = "weights/clip-vit-base-patch32"
@@ -277,16 +277,11 @@ def compare_runs(path_a: str | Path, path_b: str | Path,
     """Run B against run A on the same examples (matched by id): per score, both percentages, the
     difference B − A in points with its paired bootstrap 95 % interval, the discordant examples
     (right only in A, right only in B) and McNemar's exact p-value on them."""
-    a, b = read_run(path_a), read_run(path_b)
-    if a.keys() != b.keys():
-        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
-        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in "
-                         f"the first, e.g. ids {only_a[:5]}; {len(only_b)} only in the second, "
-                         f"e.g. ids {only_b[:5]}): compare two runs on the same examples (the same "
-                         f"--data and --limit)")
-    ids = sorted(a)
+    a, b = read_pair(path_a, path_b)  # the same examples of the same data, or a ValueError
+    ids = sorted(a.credits)
     # (N, 3) each
-    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))
+    credit_a, credit_b = (np.array([run.credits[i] for i in ids], dtype=np.float64)
+                          for run in (a, b))
     low, high = 100 * bootstrap_interval(credit_b - credit_a, resamples)
     n, metrics = len(ids), {}
     for k, key in enumerate(METRICS):

@@ -268,10 +268,12 @@ def test_intervals_on_every_subset_in_the_table_and_json():
     assert "ci95" not in ew.summarize(rows)["all"]  # train.py's log: the scores alone
 
 
-def write_run(path: Path, credits: dict[int, tuple[bool, bool, bool]]) -> Path:
-    """A results file as --out writes it, reduced to what --compare reads."""
-    examples = [{"id": i, "text": t, "image": im, "group": g} for i, (t, im, g) in credits.items()]
-    path.write_text(json.dumps({"settings": {}, "examples": examples}))
+def write_run(path: Path, credits: dict[int, tuple[bool, bool, bool]], settings: dict | None = None,
+              tags: dict[int, dict] | None = None) -> Path:
+    """A results file as --out writes it, reduced to what --compare reads (and the tags of some examples)."""
+    examples = [{"id": i, "text": t, "image": im, "group": g} | (tags or {}).get(i, {})
+                for i, (t, im, g) in credits.items()]
+    path.write_text(json.dumps({"settings": settings or {}, "examples": examples}))
     return path
 
 
@@ -286,26 +288,26 @@ def test_compare_two_runs_with_a_known_answer(tmp_path):
     # 10 examples. text: A right on 0–7, B on 5–7, so B − A = −50 with b = 5, c = 0: McNemar p = 2/32, and the
     # paired difference of a resample is −Binomial(10, ½)/10, whose 2.5 % and 97.5 % quantiles are −80 and −20
     # (P(X ≤ 1) = 11/1024, P(X ≤ 2) = 56/1024; P(X ≤ 7) = 968/1024, P(X ≤ 8) = 1013/1024). Unpaired resamples
-    # (A ~ Bin(10, .8), B ~ Bin(10, .3)) would give a wider interval. image: the same credits, 0, [0, 0], p = 1.
-    # group: B also gets example 9: +10, c = 1, p = 1, interval [0, 30] (P(X ≤ 2) = .930, P(X ≤ 3) = .987 for
-    # X ~ Bin(10, .1)).
-    a = write_run(tmp_path / "a.json", {i: (i < 8, i % 3 == 0, i < 2) for i in range(10)})
-    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, i % 3 == 0, i < 2 or i == 9) for i in reversed(range(10))})
+    # (A ~ Bin(10, .8), B ~ Bin(10, .3)) would give a wider interval. image: A right on 5 and 9, B also on 7: +10,
+    # c = 1, p = 1, interval [0, 30] (P(X ≤ 2) = .930, P(X ≤ 3) = .987 for X ~ Bin(10, .1)). group = text and
+    # image: A on 5, B on 5 and 7, the same +10, c = 1, p = 1, [0, 30].
+    a = write_run(tmp_path / "a.json", {i: (i < 8, i in (5, 9), i == 5) for i in range(10)})
+    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, i in (5, 7, 9), i in (5, 7)) for i in reversed(range(10))})
     result = ew.compare_runs(a, b)
     assert result["n"] == 10
     text, image, group = (result["metrics"][key] for key in ("text", "image", "group"))
     assert (text["a"], text["b"], text["difference"], text["ci95"]) == (80, 30, -50, [-80, -20])
     assert (text["only_a"], text["only_b"], text["mcnemar_p"]) == (5, 0, 0.0625)
-    assert (image["difference"], image["ci95"], image["only_a"], image["only_b"], image["mcnemar_p"]) == (0, [0, 0], 0,
-                                                                                                       0, 1)
+    assert (image["difference"], image["ci95"], image["only_a"], image["only_b"], image["mcnemar_p"]) == (10, [0, 30],
+                                                                                                       0, 1, 1)
     assert (group["difference"], group["ci95"], group["only_b"], group["mcnemar_p"]) == (10, [0, 30], 1, 1)
     same = ew.compare_runs(a, a)["metrics"]
     assert [(m["difference"], m["ci95"], m["mcnemar_p"]) for m in same.values()] == [(0, [0, 0], 1)] * 3
 
 
 def test_compare_script_prints_and_saves_and_refuses_other_examples(tmp_path):
-    a = write_run(tmp_path / "a.json", {i: (i < 8, True, False) for i in range(10)})
-    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, True, False) for i in range(10)})
+    a = write_run(tmp_path / "a.json", {i: (i < 8, True, i < 8) for i in range(10)})
+    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, True, 5 <= i < 8) for i in range(10)})
     done = run_script("--compare", str(a), str(b), "--out", str(tmp_path / "diff.json"))
     assert done.returncode == 0, done.stderr
     assert "text       80.00   30.00  -50.00    [-80.0, -20.0]       5       0     0.0625" in done.stdout
@@ -317,6 +319,54 @@ def test_compare_script_prints_and_saves_and_refuses_other_examples(tmp_path):
     (tmp_path / "broken.json").write_text('{"examples": [{"id": 0}]}')
     with pytest.raises(ValueError, match="broken.json is not a results file of eval_winoground.py --out"):
         ew.compare_runs(a, tmp_path / "broken.json")
+
+
+def test_compare_refuses_runs_of_different_data_under_the_same_ids(tmp_path, monkeypatch):
+    """The toy world's test and val splits both number their examples 0 … N−1: the same ids, other examples."""
+    credits = {i: (i < 3, True, i < 3) for i in range(5)}
+    test = write_run(tmp_path / "test.json", credits, {"data": "weights/toy/data/test"})
+    val = write_run(tmp_path / "val.json", credits, {"data": "weights/toy/data/val"})
+    with pytest.raises(ValueError, match=re.escape(f"{test} and {val} scored different data (--data "
+                                                   f"weights/toy/data/test and weights/toy/data/val), whose example "
+                                                   f"ids only coincide")):
+        ew.compare_runs(test, val)
+    done = run_script("--compare", str(test), str(val))
+    assert done.returncode == 1 and done.stderr.strip().startswith(f"error: {test} and {val} scored different data")
+    # the same copy, however --data spelled it and wherever the comparison runs from
+    monkeypatch.chdir(tmp_path)
+    spellings = ["w", str(tmp_path / "w" / "data"), "./w/data/examples.jsonl"]
+    runs_of_w = [write_run(tmp_path / f"w{k}.json", credits, {"data": data}) for k, data in enumerate(spellings)]
+    assert ew.compare_runs(*runs_of_w[:2])["n"] == ew.compare_runs(*runs_of_w[1:])["n"] == 5
+    # the same path, drawn again: the tags of an id differ
+    tags = {i: {"tag": "Noun", "collapsed_tag": "Object"} for i in range(5)}
+    before = write_run(tmp_path / "before.json", credits, {"data": "w"}, tags)
+    redrawn = tags | {3: {"tag": "Noun", "collapsed_tag": "Both"}}
+    after = write_run(tmp_path / "after.json", credits, {"data": "w"}, redrawn)
+    with pytest.raises(ValueError, match=re.escape(f"{before} and {after} scored different examples under the same ids "
+                                                   f"(example 3's collapsed_tag is 'Object' in the first and 'Both' in "
+                                                   f"the second)")):
+        ew.compare_runs(before, after)
+    assert ew.compare_runs(before, write_run(tmp_path / "same.json", credits, {"data": "w"}, tags))["n"] == 5
+
+
+def test_compare_refuses_contradictory_credits(tmp_path):
+    a = write_run(tmp_path / "a.json", {i: (True, True, True) for i in range(4)})
+    for text, image in ((True, False), (False, True), (True, True)):
+        group = not (text and image)
+        b = write_run(tmp_path / "b.json", {i: (True, True, True) for i in range(4)} | {2: (text, image, group)})
+        with pytest.raises(ValueError, match=re.escape(f"{b}: example 2 has group credit {group} with text {text} "
+                                                       f"and image {image} (1 such examples), but group is text and "
+                                                       f"image")):
+            ew.compare_runs(a, b)
+
+
+@pytest.mark.parametrize("ids, odd", [([0, "1"], "'1'"), ([True, 2], "True"), ([0, 1.0], "1.0")])
+def test_compare_refuses_ids_that_are_not_integers(tmp_path, ids, odd):
+    """1 and "1" pair as two examples, True and 1 as one: a run written by this script only holds integers."""
+    credits = {i: (True, True, True) for i in ids}
+    a, b = write_run(tmp_path / "a.json", credits), write_run(tmp_path / "b.json", credits)
+    with pytest.raises(ValueError, match=re.escape(f"{a}: example id {odd} is not an integer")):
+        ew.compare_runs(a, b)
 
 
 def test_timestep_grid():
