@@ -411,6 +411,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.precision is None:  # as before --precision existed: the diffusion score in bf16 on CUDA
         args.precision = ("bf16" if args.sd is not None and torch.device(args.device).type == "cuda"
                           else "fp32")
+    # the results file must never replace a file the run reads
+    inputs = args.compare or [args.data, Path(args.data) / "examples.jsonl", args.clip, args.sd,
+                              Path(args.data) / "data" / "examples.jsonl", args.tokenizer]
+    if args.out and Path(args.out).resolve() in {Path(p).resolve() for p in inputs if p}:
+        parser.error(f"--out {args.out} is a file this run reads; pass another --out")
 
 
 def check_finite(values: torch.Tensor, examples: list[Example], model: str) -> None:

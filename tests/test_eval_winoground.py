@@ -369,6 +369,23 @@ def test_compare_refuses_ids_that_are_not_integers(tmp_path, ids, odd):
         ew.compare_runs(a, b)
 
 
+def test_out_never_replaces_an_input(tmp_path, winoground, capsys):
+    a = write_run(tmp_path / "a.json", {i: (True, True, True) for i in range(3)})
+    b = write_run(tmp_path / "b.json", {i: (False, True, False) for i in range(3)})
+    original = a.read_text()
+    for argv in (["--compare", str(a), str(b), "--out", str(a)],
+                 ["--compare", str(a), str(b), "--out", str(tmp_path / "x" / ".." / "b.json")],
+                 ["--data", str(winoground), "--out", str(winoground / "examples.jsonl")],
+                 ["--data", str(winoground.parent), "--out", str(winoground / "examples.jsonl")]):
+        with pytest.raises(SystemExit) as stopped:
+            ew.parse_args(argv)
+        assert stopped.value.code == 2
+        assert f"--out {argv[-1]} is a file this run reads; pass another --out" in capsys.readouterr().err
+    done = run_script("--compare", str(a), str(b), "--out", str(a))
+    assert done.returncode == 2 and a.read_text() == original
+    assert ew.parse_args(["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")]).out
+
+
 def test_timestep_grid():
     assert ew.timestep_grid(20).tolist() == list(range(25, 1000, 50))
     assert ew.timestep_grid(4).tolist() == [125, 375, 625, 875]
