@@ -67,6 +67,9 @@ PRECISIONS = ("bf16", "fp32")  # --precision
 BOOTSTRAP_RESAMPLES = 2000
 # the same resamples on every run: an interval is a function of the per-example credits alone
 BOOTSTRAP_SEED = 0
+# --bootstrap draws all resamples at once: (R, N) indices and the (R, N, 3) credits they pick, 8
+# bytes each (R = 2000, N = 400: 26 MB); far more only risks running out of memory after the scoring
+MAX_BOOTSTRAP_BYTES = 2 << 30
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -96,6 +99,15 @@ def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: floa
     rows = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))  # (R, N)
     means = values[rows].mean(axis=1)  # (R, K)
     return np.percentile(means, [50 * (1 - level), 50 * (1 + level)], axis=0)
+
+
+def check_resamples(resamples: int, n: int) -> None:
+    """A ValueError, before any work, for a bootstrap of n examples that would not fit the bound."""
+    if resamples * n * 4 * 8 > MAX_BOOTSTRAP_BYTES:
+        raise ValueError(f"--bootstrap {resamples} needs {resamples * n * 32 / 2**30:.1f} GiB on "
+                         f"{n} example(s) (resamples × examples × 4 × 8 bytes), more than "
+                         f"{MAX_BOOTSTRAP_BYTES >> 30} GiB; pass --bootstrap "
+                         f"{MAX_BOOTSTRAP_BYTES // (32 * n)} or fewer")
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -279,6 +291,7 @@ def compare_runs(path_a: str | Path, path_b: str | Path,
     (right only in A, right only in B) and McNemar's exact p-value on them."""
     a, b = read_pair(path_a, path_b)  # the same examples of the same data, or a ValueError
     ids = sorted(a.credits)
+    check_resamples(resamples, len(ids))
     # (N, 3) each
     credit_a, credit_b = (np.array([run.credits[i] for i in ids], dtype=np.float64)
                           for run in (a, b))
@@ -379,6 +392,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--compare reads two saved runs; it takes no --clip, --sd or --toy")
     if args.bootstrap < 1:
         parser.error("--bootstrap must be a positive number of resamples")
+    try:  # on one example; on all of them once the data is read
+        check_resamples(args.bootstrap, 1)
+    except ValueError as err:
+        parser.error(str(err))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be a positive number of examples")
     if args.batch_size is not None and args.batch_size < 1:
@@ -466,6 +483,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         args.clip = DEFAULT_CLIP
     data = Winoground(args.data)
     examples = data.examples[: args.limit]
+    check_resamples(args.bootstrap, len(examples))
     settings = {"data": str(args.data), "examples": len(examples), "device": args.device,
                 "precision": args.precision, "bootstrap_resamples": args.bootstrap,
                 "torch": torch.__version__}
@@ -492,7 +510,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         title = (f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, "
                  f"seed {args.seed}") + (
             ", image score normalised" if args.normalize_image_score else "")
-    summary = summarize(records, args.bootstrap)
+    try:
+        summary = summarize(records, args.bootstrap)
+    except BaseException:  # MemoryError, Ctrl-C: the scores took hours, the intervals take seconds
+        if args.out:
+            write_results({"settings": settings, "examples": records}, args.out)
+        raise
     print(format_table(summary, f"{title} ({len(records)} examples; chance 25 / 25 / 16.67)"))
     return {"settings": settings, "totals": summary["all"], "subsets": summary, "examples": records}
 

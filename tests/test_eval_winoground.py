@@ -268,6 +268,40 @@ def test_intervals_on_every_subset_in_the_table_and_json():
     assert "ci95" not in ew.summarize(rows)["all"]  # train.py's log: the scores alone
 
 
+def test_bootstrap_too_large_for_memory_is_refused_before_any_work(tmp_path, winoground, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:  # too many for a single example: argparse's line
+        ew.parse_args(["--bootstrap", str(2**40)])
+    assert stopped.value.code == 2
+    assert (f"--bootstrap {2**40} needs 32768.0 GiB on 1 example(s) (resamples × examples × 4 × 8 bytes), more than "
+            f"2 GiB; pass --bootstrap {2**26} or fewer") in capsys.readouterr().err
+    # too many for the 5 examples, known once the data is read: refused before the model loads (there is none)
+    args = ew.parse_args(["--clip", str(tmp_path / "missing"), "--data", str(winoground), "--bootstrap", str(2**24)])
+    with pytest.raises(ValueError, match=re.escape(f"--bootstrap {2**24} needs 2.5 GiB on 5 example(s)")):
+        ew.evaluate(args)
+    monkeypatch.setattr(ew, "MAX_BOOTSTRAP_BYTES", 100 * 10 * 32)  # --compare: 100 resamples of 10 examples fit
+    a = write_run(tmp_path / "a.json", {i: (i < 8, True, i < 8) for i in range(10)})
+    assert ew.compare_runs(a, a, resamples=100)["bootstrap_resamples"] == 100
+    with pytest.raises(ValueError, match="--bootstrap 101 needs .* on 10 example.*; pass --bootstrap 100 or fewer"):
+        ew.compare_runs(a, a, resamples=101)
+
+
+def test_scores_are_saved_when_the_intervals_fail(tmp_path, winoground, clip_folder, monkeypatch):
+    """The intervals come after the scoring (hours with --sd): should they fail, --out still gets the scores."""
+    argv = ["--clip", str(clip_folder), "--data", str(winoground), "--device", "cpu"]
+    expected = ew.evaluate(ew.parse_args(argv))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ew, "bootstrap_interval", out_of_memory)
+    out = tmp_path / "out" / "clip.json"
+    with pytest.raises(MemoryError):
+        ew.evaluate(ew.parse_args([*argv, "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    assert saved["examples"] == expected["examples"] and saved["settings"] == expected["settings"]
+    assert len(wino.read_run(out).credits) == 5  # --compare reads it
+
+
 def write_run(path: Path, credits: dict[int, tuple[bool, bool, bool]], settings: dict | None = None,
               tags: dict[int, dict] | None = None) -> Path:
     """A results file as --out writes it, reduced to what --compare reads (and the tags of some examples)."""
