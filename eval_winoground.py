@@ -481,6 +481,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — "
                                     f"{DOWNLOAD_HINT}, or pass --clip PATH or --sd PATH")
         args.clip = DEFAULT_CLIP
+    elif args.clip == DEFAULT_CLIP and not Path(DEFAULT_CLIP).exists():  # a bare --clip
+        raise FileNotFoundError(f"--clip takes a CLIP checkpoint folder or .safetensors file; "
+                                f"without a path it means {DEFAULT_CLIP}, which is not there — "
+                                f"{DOWNLOAD_HINT} or pass --clip PATH")
     data = Winoground(args.data)
     examples = data.examples[: args.limit]
     check_resamples(args.bootstrap, len(examples))

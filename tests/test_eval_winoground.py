@@ -915,6 +915,14 @@ def test_script_without_weights_says_how_to_get_them(tmp_path):
                                    "--sd PATH")
 
 
+def test_script_bare_clip_without_its_default_says_what_it_expects(tmp_path, winoground):
+    done = run_script("--clip", "--data", str(winoground), cwd=tmp_path)  # no weights/clip-vit-base-patch32 here
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: --clip takes a CLIP checkpoint folder or .safetensors file; without a path "
+                                   "it means weights/clip-vit-base-patch32, which is not there — run `python "
+                                   "weights/download.py` (see weights/README.md) or pass --clip PATH")
+
+
 def test_bad_models_and_tokenizer(tmp_path, winoground, clip_folder, sd_folder):
     def evaluate(*args: str):
         return ew.evaluate(ew.parse_args([*args, "--data", str(winoground)]))
