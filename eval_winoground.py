@@ -462,6 +462,12 @@ def score_clip(args: argparse.Namespace, data: Winoground, examples: list[Exampl
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was "
                                 f"fine-tuned from") from None
+    rows = model.text_model.embeddings.token_embedding.num_embeddings
+    top = max(tokenizer.encoder.values())
+    if top >= rows:  # else an IndexError from the embedding, batches into the run
+        raise ValueError(f"the tokenizer of {tokenizer_path} gives ids up to {top}, but "
+                         f"{clip_path} embeds {rows} tokens; pass --tokenizer with the folder of "
+                         f"the CLIP it was trained or fine-tuned from")
     batch_size = args.batch_size or 32
     settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path),
                  "batch_size": batch_size,

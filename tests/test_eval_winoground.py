@@ -940,6 +940,22 @@ def test_bad_models_and_tokenizer(tmp_path, winoground, clip_folder, sd_folder):
     assert results["settings"]["tokenizer"] == str(clip_folder) and results["totals"]["n"] == 1
 
 
+def test_tokenizer_beyond_the_clips_vocabulary_is_one_line(tmp_path, winoground, clip_folder):
+    """A CLIP with its own small vocabulary (the toy world's) scored with OpenAI's 49,408-token tokenizer."""
+    small = transformers.CLIPConfig(
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    transformers.CLIPModel(small).save_pretrained(tmp_path / "small")
+    argv = ["--clip", str(tmp_path / "small"), "--tokenizer", str(clip_folder), "--data", str(winoground)]
+    with pytest.raises(ValueError, match=re.escape(f"the tokenizer of {clip_folder} gives ids up to 49407, but "
+                                                   f"{tmp_path / 'small'} embeds 1000 tokens; pass --tokenizer with "
+                                                   f"the folder of the CLIP it was trained or fine-tuned from")):
+        ew.evaluate(ew.parse_args(argv))
+
+
 def copy_with(folder: Path, to: Path, edit) -> Path:
     """A copy of a checkpoint folder whose model.safetensors went through edit(state dict)."""
     from safetensors.torch import load_file, save_file
