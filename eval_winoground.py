@@ -62,6 +62,9 @@ DEFAULT_SD = "weights/stable-diffusion-v1-4"
 TOY_DATA, TOY_CLIP, TOY_SD = ("weights/toy/data/test", "weights/toy-models/clip",
                               "weights/toy-models/sd")
 MAX_RESOLUTION = 2048  # --resolution: 4 × SD 1.x's 512; far larger only runs out of memory
+# --resolution: at most this many times the model's own side (SD 1.x: 512 → MAX_RESOLUTION); 16 ×
+# the pixels of every UNet call already, at a scale the UNet never saw in training
+MODEL_RESOLUTION_FACTOR = 4
 PRECISIONS = ("bf16", "fp32")  # --precision
 # --bootstrap; on 400 examples an interval's ends vary by ≈ 0.15 points (sd) across seeds
 BOOTSTRAP_RESAMPLES = 2000
@@ -504,6 +507,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         sd = load_stable_diffusion(
             args.sd, args.device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         batch_size, resolution = args.batch_size or 8, args.resolution or sd.resolution
+        if resolution > MODEL_RESOLUTION_FACTOR * sd.resolution:
+            raise ValueError(f"--resolution {resolution} is more than {MODEL_RESOLUTION_FACTOR} × "
+                             f"the {sd.resolution} pixels of {args.sd}; pass --resolution "
+                             f"{MODEL_RESOLUTION_FACTOR * sd.resolution} or less, or leave it out")
         settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(),
                      "seed": args.seed, "resolution": resolution, "batch_size": batch_size,
                      "normalize_image_score": args.normalize_image_score,

@@ -992,6 +992,23 @@ def test_resolution_defaults_to_the_models_own(winoground, sd_folder):
                                       "--timesteps", "1", "--resolution", "32"]))["settings"]["resolution"] == 32
 
 
+def test_resolution_far_above_the_models_own_is_refused_before_scoring(winoground, sd_folder, monkeypatch):
+    """The tiny SD is 16 pixels: 4 × 16 = 64 is the most; 128 would be 64 × the pixels of every UNet call."""
+    scored = []
+    monkeypatch.setattr(ew, "diffusion_errors", lambda *args: scored.append(args[6]) or torch.zeros(1, 2, 2, 1))
+
+    def evaluate(resolution: int) -> dict:
+        return ew.evaluate(ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1",
+                                          "--timesteps", "1", "--resolution", str(resolution)]))
+
+    assert evaluate(64)["settings"]["resolution"] == 64 and scored == [64]
+    for resolution in (65, 128):
+        with pytest.raises(ValueError, match=re.escape(f"--resolution {resolution} is more than 4 × the 16 pixels of "
+                                                       f"{sd_folder}; pass --resolution 64 or less, or leave it out")):
+            evaluate(resolution)
+    assert scored == [64]
+
+
 @pytest.fixture(scope="module")
 def toy_world(tmp_path_factory, clip_folder, sd_folder) -> dict[str, Path]:
     """The paths weights.toyworld.build() returns: the models, the data splits."""
