@@ -52,7 +52,7 @@ from sds import NUM_TRAIN_TIMESTEPS, NoiseSchedule, StableDiffusion, denoising_e
 from sds import sd_image_transform
 from weights.networks import DOWNLOAD_HINT, hub_path, load_clip, load_stable_diffusion, load_tokenizer
 from weights.runs import can_write, write_results
-from weights.winoground import METRICS, Example, ImagePairs, Winoground, read_run
+from weights.winoground import METRICS, Example, ImagePairs, Winoground, read_pair
 
 DEFAULT_DATA = "weights/winoground"
 DEFAULT_CLIP = "weights/clip-vit-base-patch32"
@@ -62,11 +62,17 @@ DEFAULT_SD = "weights/stable-diffusion-v1-4"
 TOY_DATA, TOY_CLIP, TOY_SD = ("weights/toy/data/test", "weights/toy-models/clip",
                               "weights/toy-models/sd")
 MAX_RESOLUTION = 2048  # --resolution: 4 × SD 1.x's 512; far larger only runs out of memory
+# --resolution: at most this many times the model's own side (SD 1.x: 512 → MAX_RESOLUTION); 16 ×
+# the pixels of every UNet call already, at a scale the UNet never saw in training
+MODEL_RESOLUTION_FACTOR = 4
 PRECISIONS = ("bf16", "fp32")  # --precision
 # --bootstrap; on 400 examples an interval's ends vary by ≈ 0.15 points (sd) across seeds
 BOOTSTRAP_RESAMPLES = 2000
 # the same resamples on every run: an interval is a function of the per-example credits alone
 BOOTSTRAP_SEED = 0
+# --bootstrap draws all resamples at once: (R, N) indices and the (R, N, 3) credits they pick, 8
+# bytes each (R = 2000, N = 400: 26 MB); far more only risks running out of memory after the scoring
+MAX_BOOTSTRAP_BYTES = 2 << 30
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -96,6 +102,15 @@ def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, level: floa
     rows = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))  # (R, N)
     means = values[rows].mean(axis=1)  # (R, K)
     return np.percentile(means, [50 * (1 - level), 50 * (1 + level)], axis=0)
+
+
+def check_resamples(resamples: int, n: int) -> None:
+    """A ValueError, before any work, for a bootstrap of n examples that would not fit the bound."""
+    if resamples * n * 4 * 8 > MAX_BOOTSTRAP_BYTES:
+        raise ValueError(f"--bootstrap {resamples} needs {resamples * n * 32 / 2**30:.1f} GiB on "
+                         f"{n} example(s) (resamples × examples × 4 × 8 bytes), more than "
+                         f"{MAX_BOOTSTRAP_BYTES >> 30} GiB; pass --bootstrap "
+                         f"{MAX_BOOTSTRAP_BYTES // (32 * n)} or fewer")
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -277,16 +292,12 @@ def compare_runs(path_a: str | Path, path_b: str | Path,
     """Run B against run A on the same examples (matched by id): per score, both percentages, the
     difference B − A in points with its paired bootstrap 95 % interval, the discordant examples
     (right only in A, right only in B) and McNemar's exact p-value on them."""
-    a, b = read_run(path_a), read_run(path_b)
-    if a.keys() != b.keys():
-        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
-        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in "
-                         f"the first, e.g. ids {only_a[:5]}; {len(only_b)} only in the second, "
-                         f"e.g. ids {only_b[:5]}): compare two runs on the same examples (the same "
-                         f"--data and --limit)")
-    ids = sorted(a)
+    a, b = read_pair(path_a, path_b)  # the same examples of the same data, or a ValueError
+    ids = sorted(a.credits)
+    check_resamples(resamples, len(ids))
     # (N, 3) each
-    credit_a, credit_b = (np.array([run[i] for i in ids], dtype=np.float64) for run in (a, b))
+    credit_a, credit_b = (np.array([run.credits[i] for i in ids], dtype=np.float64)
+                          for run in (a, b))
     low, high = 100 * bootstrap_interval(credit_b - credit_a, resamples)
     n, metrics = len(ids), {}
     for k, key in enumerate(METRICS):
@@ -384,6 +395,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--compare reads two saved runs; it takes no --clip, --sd or --toy")
     if args.bootstrap < 1:
         parser.error("--bootstrap must be a positive number of resamples")
+    try:  # on one example; on all of them once the data is read
+        check_resamples(args.bootstrap, 1)
+    except ValueError as err:
+        parser.error(str(err))
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be a positive number of examples")
     if args.batch_size is not None and args.batch_size < 1:
@@ -416,6 +431,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.precision is None:  # as before --precision existed: the diffusion score in bf16 on CUDA
         args.precision = ("bf16" if args.sd is not None and torch.device(args.device).type == "cuda"
                           else "fp32")
+    # the results file must never replace a file the run reads
+    inputs = args.compare or [args.data, Path(args.data) / "examples.jsonl", args.clip, args.sd,
+                              Path(args.data) / "data" / "examples.jsonl", args.tokenizer]
+    if args.out and Path(args.out).resolve() in {Path(p).resolve() for p in inputs if p}:
+        parser.error(f"--out {args.out} is a file this run reads; pass another --out")
 
 
 def check_finite(values: torch.Tensor, examples: list[Example], model: str) -> None:
@@ -445,6 +465,12 @@ def score_clip(args: argparse.Namespace, data: Winoground, examples: list[Exampl
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}; or pass --tokenizer with the folder of the CLIP it was "
                                 f"fine-tuned from") from None
+    rows = model.text_model.embeddings.token_embedding.num_embeddings
+    top = max(tokenizer.encoder.values())
+    if top >= rows:  # else an IndexError from the embedding, batches into the run
+        raise ValueError(f"the tokenizer of {tokenizer_path} gives ids up to {top}, but "
+                         f"{clip_path} embeds {rows} tokens; pass --tokenizer with the folder of "
+                         f"the CLIP it was trained or fine-tuned from")
     batch_size = args.batch_size or 32
     settings |= {"scorer": "clip", "model": str(clip_path), "tokenizer": str(tokenizer_path),
                  "batch_size": batch_size,
@@ -464,8 +490,13 @@ def evaluate(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"no model given and {DEFAULT_CLIP} not found — "
                                     f"{DOWNLOAD_HINT}, or pass --clip PATH or --sd PATH")
         args.clip = DEFAULT_CLIP
+    elif args.clip == DEFAULT_CLIP and not Path(DEFAULT_CLIP).exists():  # a bare --clip
+        raise FileNotFoundError(f"--clip takes a CLIP checkpoint folder or .safetensors file; "
+                                f"without a path it means {DEFAULT_CLIP}, which is not there — "
+                                f"{DOWNLOAD_HINT} or pass --clip PATH")
     data = Winoground(args.data)
     examples = data.examples[: args.limit]
+    check_resamples(args.bootstrap, len(examples))
     settings = {"data": str(args.data), "examples": len(examples), "device": args.device,
                 "precision": args.precision, "bootstrap_resamples": args.bootstrap,
                 "torch": torch.__version__}
@@ -476,6 +507,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         sd = load_stable_diffusion(
             args.sd, args.device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
         batch_size, resolution = args.batch_size or 8, args.resolution or sd.resolution
+        if resolution > MODEL_RESOLUTION_FACTOR * sd.resolution:
+            raise ValueError(f"--resolution {resolution} is more than {MODEL_RESOLUTION_FACTOR} × "
+                             f"the {sd.resolution} pixels of {args.sd}; pass --resolution "
+                             f"{MODEL_RESOLUTION_FACTOR * sd.resolution} or less, or leave it out")
         settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(),
                      "seed": args.seed, "resolution": resolution, "batch_size": batch_size,
                      "normalize_image_score": args.normalize_image_score,
@@ -492,7 +527,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         title = (f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, "
                  f"seed {args.seed}") + (
             ", image score normalised" if args.normalize_image_score else "")
-    summary = summarize(records, args.bootstrap)
+    try:
+        summary = summarize(records, args.bootstrap)
+    except BaseException:  # MemoryError, Ctrl-C: the scores took hours, the intervals take seconds
+        if args.out:
+            write_results({"settings": settings, "examples": records}, args.out)
+        raise
     print(format_table(summary, f"{title} ({len(records)} examples; chance 25 / 25 / 16.67)"))
     return {"settings": settings, "totals": summary["all"], "subsets": summary, "examples": records}
 

@@ -268,10 +268,46 @@ def test_intervals_on_every_subset_in_the_table_and_json():
     assert "ci95" not in ew.summarize(rows)["all"]  # train.py's log: the scores alone
 
 
-def write_run(path: Path, credits: dict[int, tuple[bool, bool, bool]]) -> Path:
-    """A results file as --out writes it, reduced to what --compare reads."""
-    examples = [{"id": i, "text": t, "image": im, "group": g} for i, (t, im, g) in credits.items()]
-    path.write_text(json.dumps({"settings": {}, "examples": examples}))
+def test_bootstrap_too_large_for_memory_is_refused_before_any_work(tmp_path, winoground, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:  # too many for a single example: argparse's line
+        ew.parse_args(["--bootstrap", str(2**40)])
+    assert stopped.value.code == 2
+    assert (f"--bootstrap {2**40} needs 32768.0 GiB on 1 example(s) (resamples × examples × 4 × 8 bytes), more than "
+            f"2 GiB; pass --bootstrap {2**26} or fewer") in capsys.readouterr().err
+    # too many for the 5 examples, known once the data is read: refused before the model loads (there is none)
+    args = ew.parse_args(["--clip", str(tmp_path / "missing"), "--data", str(winoground), "--bootstrap", str(2**24)])
+    with pytest.raises(ValueError, match=re.escape(f"--bootstrap {2**24} needs 2.5 GiB on 5 example(s)")):
+        ew.evaluate(args)
+    monkeypatch.setattr(ew, "MAX_BOOTSTRAP_BYTES", 100 * 10 * 32)  # --compare: 100 resamples of 10 examples fit
+    a = write_run(tmp_path / "a.json", {i: (i < 8, True, i < 8) for i in range(10)})
+    assert ew.compare_runs(a, a, resamples=100)["bootstrap_resamples"] == 100
+    with pytest.raises(ValueError, match="--bootstrap 101 needs .* on 10 example.*; pass --bootstrap 100 or fewer"):
+        ew.compare_runs(a, a, resamples=101)
+
+
+def test_scores_are_saved_when_the_intervals_fail(tmp_path, winoground, clip_folder, monkeypatch):
+    """The intervals come after the scoring (hours with --sd): should they fail, --out still gets the scores."""
+    argv = ["--clip", str(clip_folder), "--data", str(winoground), "--device", "cpu"]
+    expected = ew.evaluate(ew.parse_args(argv))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ew, "bootstrap_interval", out_of_memory)
+    out = tmp_path / "out" / "clip.json"
+    with pytest.raises(MemoryError):
+        ew.evaluate(ew.parse_args([*argv, "--out", str(out)]))
+    saved = json.loads(out.read_text())
+    assert saved["examples"] == expected["examples"] and saved["settings"] == expected["settings"]
+    assert len(wino.read_run(out).credits) == 5  # --compare reads it
+
+
+def write_run(path: Path, credits: dict[int, tuple[bool, bool, bool]], settings: dict | None = None,
+              tags: dict[int, dict] | None = None) -> Path:
+    """A results file as --out writes it, reduced to what --compare reads (and the tags of some examples)."""
+    examples = [{"id": i, "text": t, "image": im, "group": g} | (tags or {}).get(i, {})
+                for i, (t, im, g) in credits.items()]
+    path.write_text(json.dumps({"settings": settings or {}, "examples": examples}))
     return path
 
 
@@ -286,26 +322,26 @@ def test_compare_two_runs_with_a_known_answer(tmp_path):
     # 10 examples. text: A right on 0–7, B on 5–7, so B − A = −50 with b = 5, c = 0: McNemar p = 2/32, and the
     # paired difference of a resample is −Binomial(10, ½)/10, whose 2.5 % and 97.5 % quantiles are −80 and −20
     # (P(X ≤ 1) = 11/1024, P(X ≤ 2) = 56/1024; P(X ≤ 7) = 968/1024, P(X ≤ 8) = 1013/1024). Unpaired resamples
-    # (A ~ Bin(10, .8), B ~ Bin(10, .3)) would give a wider interval. image: the same credits, 0, [0, 0], p = 1.
-    # group: B also gets example 9: +10, c = 1, p = 1, interval [0, 30] (P(X ≤ 2) = .930, P(X ≤ 3) = .987 for
-    # X ~ Bin(10, .1)).
-    a = write_run(tmp_path / "a.json", {i: (i < 8, i % 3 == 0, i < 2) for i in range(10)})
-    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, i % 3 == 0, i < 2 or i == 9) for i in reversed(range(10))})
+    # (A ~ Bin(10, .8), B ~ Bin(10, .3)) would give a wider interval. image: A right on 5 and 9, B also on 7: +10,
+    # c = 1, p = 1, interval [0, 30] (P(X ≤ 2) = .930, P(X ≤ 3) = .987 for X ~ Bin(10, .1)). group = text and
+    # image: A on 5, B on 5 and 7, the same +10, c = 1, p = 1, [0, 30].
+    a = write_run(tmp_path / "a.json", {i: (i < 8, i in (5, 9), i == 5) for i in range(10)})
+    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, i in (5, 7, 9), i in (5, 7)) for i in reversed(range(10))})
     result = ew.compare_runs(a, b)
     assert result["n"] == 10
     text, image, group = (result["metrics"][key] for key in ("text", "image", "group"))
     assert (text["a"], text["b"], text["difference"], text["ci95"]) == (80, 30, -50, [-80, -20])
     assert (text["only_a"], text["only_b"], text["mcnemar_p"]) == (5, 0, 0.0625)
-    assert (image["difference"], image["ci95"], image["only_a"], image["only_b"], image["mcnemar_p"]) == (0, [0, 0], 0,
-                                                                                                       0, 1)
+    assert (image["difference"], image["ci95"], image["only_a"], image["only_b"], image["mcnemar_p"]) == (10, [0, 30],
+                                                                                                       0, 1, 1)
     assert (group["difference"], group["ci95"], group["only_b"], group["mcnemar_p"]) == (10, [0, 30], 1, 1)
     same = ew.compare_runs(a, a)["metrics"]
     assert [(m["difference"], m["ci95"], m["mcnemar_p"]) for m in same.values()] == [(0, [0, 0], 1)] * 3
 
 
 def test_compare_script_prints_and_saves_and_refuses_other_examples(tmp_path):
-    a = write_run(tmp_path / "a.json", {i: (i < 8, True, False) for i in range(10)})
-    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, True, False) for i in range(10)})
+    a = write_run(tmp_path / "a.json", {i: (i < 8, True, i < 8) for i in range(10)})
+    b = write_run(tmp_path / "b.json", {i: (5 <= i < 8, True, 5 <= i < 8) for i in range(10)})
     done = run_script("--compare", str(a), str(b), "--out", str(tmp_path / "diff.json"))
     assert done.returncode == 0, done.stderr
     assert "text       80.00   30.00  -50.00    [-80.0, -20.0]       5       0     0.0625" in done.stdout
@@ -317,6 +353,71 @@ def test_compare_script_prints_and_saves_and_refuses_other_examples(tmp_path):
     (tmp_path / "broken.json").write_text('{"examples": [{"id": 0}]}')
     with pytest.raises(ValueError, match="broken.json is not a results file of eval_winoground.py --out"):
         ew.compare_runs(a, tmp_path / "broken.json")
+
+
+def test_compare_refuses_runs_of_different_data_under_the_same_ids(tmp_path, monkeypatch):
+    """The toy world's test and val splits both number their examples 0 … N−1: the same ids, other examples."""
+    credits = {i: (i < 3, True, i < 3) for i in range(5)}
+    test = write_run(tmp_path / "test.json", credits, {"data": "weights/toy/data/test"})
+    val = write_run(tmp_path / "val.json", credits, {"data": "weights/toy/data/val"})
+    with pytest.raises(ValueError, match=re.escape(f"{test} and {val} scored different data (--data "
+                                                   f"weights/toy/data/test and weights/toy/data/val), whose example "
+                                                   f"ids only coincide")):
+        ew.compare_runs(test, val)
+    done = run_script("--compare", str(test), str(val))
+    assert done.returncode == 1 and done.stderr.strip().startswith(f"error: {test} and {val} scored different data")
+    # the same copy, however --data spelled it and wherever the comparison runs from
+    monkeypatch.chdir(tmp_path)
+    spellings = ["w", str(tmp_path / "w" / "data"), "./w/data/examples.jsonl"]
+    runs_of_w = [write_run(tmp_path / f"w{k}.json", credits, {"data": data}) for k, data in enumerate(spellings)]
+    assert ew.compare_runs(*runs_of_w[:2])["n"] == ew.compare_runs(*runs_of_w[1:])["n"] == 5
+    # the same path, drawn again: the tags of an id differ
+    tags = {i: {"tag": "Noun", "collapsed_tag": "Object"} for i in range(5)}
+    before = write_run(tmp_path / "before.json", credits, {"data": "w"}, tags)
+    redrawn = tags | {3: {"tag": "Noun", "collapsed_tag": "Both"}}
+    after = write_run(tmp_path / "after.json", credits, {"data": "w"}, redrawn)
+    with pytest.raises(ValueError, match=re.escape(f"{before} and {after} scored different examples under the same ids "
+                                                   f"(example 3's collapsed_tag is 'Object' in the first and 'Both' in "
+                                                   f"the second)")):
+        ew.compare_runs(before, after)
+    assert ew.compare_runs(before, write_run(tmp_path / "same.json", credits, {"data": "w"}, tags))["n"] == 5
+
+
+def test_compare_refuses_contradictory_credits(tmp_path):
+    a = write_run(tmp_path / "a.json", {i: (True, True, True) for i in range(4)})
+    for text, image in ((True, False), (False, True), (True, True)):
+        group = not (text and image)
+        b = write_run(tmp_path / "b.json", {i: (True, True, True) for i in range(4)} | {2: (text, image, group)})
+        with pytest.raises(ValueError, match=re.escape(f"{b}: example 2 has group credit {group} with text {text} "
+                                                       f"and image {image} (1 such examples), but group is text and "
+                                                       f"image")):
+            ew.compare_runs(a, b)
+
+
+@pytest.mark.parametrize("ids, odd", [([0, "1"], "'1'"), ([True, 2], "True"), ([0, 1.0], "1.0")])
+def test_compare_refuses_ids_that_are_not_integers(tmp_path, ids, odd):
+    """1 and "1" pair as two examples, True and 1 as one: a run written by this script only holds integers."""
+    credits = {i: (True, True, True) for i in ids}
+    a, b = write_run(tmp_path / "a.json", credits), write_run(tmp_path / "b.json", credits)
+    with pytest.raises(ValueError, match=re.escape(f"{a}: example id {odd} is not an integer")):
+        ew.compare_runs(a, b)
+
+
+def test_out_never_replaces_an_input(tmp_path, winoground, capsys):
+    a = write_run(tmp_path / "a.json", {i: (True, True, True) for i in range(3)})
+    b = write_run(tmp_path / "b.json", {i: (False, True, False) for i in range(3)})
+    original = a.read_text()
+    for argv in (["--compare", str(a), str(b), "--out", str(a)],
+                 ["--compare", str(a), str(b), "--out", str(tmp_path / "x" / ".." / "b.json")],
+                 ["--data", str(winoground), "--out", str(winoground / "examples.jsonl")],
+                 ["--data", str(winoground.parent), "--out", str(winoground / "examples.jsonl")]):
+        with pytest.raises(SystemExit) as stopped:
+            ew.parse_args(argv)
+        assert stopped.value.code == 2
+        assert f"--out {argv[-1]} is a file this run reads; pass another --out" in capsys.readouterr().err
+    done = run_script("--compare", str(a), str(b), "--out", str(a))
+    assert done.returncode == 2 and a.read_text() == original
+    assert ew.parse_args(["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")]).out
 
 
 def test_timestep_grid():
@@ -814,6 +915,14 @@ def test_script_without_weights_says_how_to_get_them(tmp_path):
                                    "--sd PATH")
 
 
+def test_script_bare_clip_without_its_default_says_what_it_expects(tmp_path, winoground):
+    done = run_script("--clip", "--data", str(winoground), cwd=tmp_path)  # no weights/clip-vit-base-patch32 here
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: --clip takes a CLIP checkpoint folder or .safetensors file; without a path "
+                                   "it means weights/clip-vit-base-patch32, which is not there — run `python "
+                                   "weights/download.py` (see weights/README.md) or pass --clip PATH")
+
+
 def test_bad_models_and_tokenizer(tmp_path, winoground, clip_folder, sd_folder):
     def evaluate(*args: str):
         return ew.evaluate(ew.parse_args([*args, "--data", str(winoground)]))
@@ -829,6 +938,22 @@ def test_bad_models_and_tokenizer(tmp_path, winoground, clip_folder, sd_folder):
     results = evaluate("--clip", str(tmp_path / "bare" / "model.safetensors"), "--tokenizer", str(clip_folder),
                        "--limit", "1")
     assert results["settings"]["tokenizer"] == str(clip_folder) and results["totals"]["n"] == 1
+
+
+def test_tokenizer_beyond_the_clips_vocabulary_is_one_line(tmp_path, winoground, clip_folder):
+    """A CLIP with its own small vocabulary (the toy world's) scored with OpenAI's 49,408-token tokenizer."""
+    small = transformers.CLIPConfig(
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    transformers.CLIPModel(small).save_pretrained(tmp_path / "small")
+    argv = ["--clip", str(tmp_path / "small"), "--tokenizer", str(clip_folder), "--data", str(winoground)]
+    with pytest.raises(ValueError, match=re.escape(f"the tokenizer of {clip_folder} gives ids up to 49407, but "
+                                                   f"{tmp_path / 'small'} embeds 1000 tokens; pass --tokenizer with "
+                                                   f"the folder of the CLIP it was trained or fine-tuned from")):
+        ew.evaluate(ew.parse_args(argv))
 
 
 def copy_with(folder: Path, to: Path, edit) -> Path:
@@ -865,6 +990,23 @@ def test_resolution_defaults_to_the_models_own(winoground, sd_folder):
     assert results["settings"]["resolution"] == 16 == ew.load_stable_diffusion(sd_folder).resolution
     assert ew.evaluate(ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1",
                                       "--timesteps", "1", "--resolution", "32"]))["settings"]["resolution"] == 32
+
+
+def test_resolution_far_above_the_models_own_is_refused_before_scoring(winoground, sd_folder, monkeypatch):
+    """The tiny SD is 16 pixels: 4 × 16 = 64 is the most; 128 would be 64 × the pixels of every UNet call."""
+    scored = []
+    monkeypatch.setattr(ew, "diffusion_errors", lambda *args: scored.append(args[6]) or torch.zeros(1, 2, 2, 1))
+
+    def evaluate(resolution: int) -> dict:
+        return ew.evaluate(ew.parse_args(["--sd", str(sd_folder), "--data", str(winoground), "--limit", "1",
+                                          "--timesteps", "1", "--resolution", str(resolution)]))
+
+    assert evaluate(64)["settings"]["resolution"] == 64 and scored == [64]
+    for resolution in (65, 128):
+        with pytest.raises(ValueError, match=re.escape(f"--resolution {resolution} is more than 4 × the 16 pixels of "
+                                                       f"{sd_folder}; pass --resolution 64 or less, or leave it out")):
+            evaluate(resolution)
+    assert scored == [64]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Winoground on disk: the examples and their images from a local copy of facebook/winoground
 (examples.jsonl + images/ or images.zip, or parquet), and the per-example credits of a run that
-eval_winoground.py saved with --out."""
+eval_winoground.py saved with --out, paired with another run's on the same examples."""
 
 import io
 import json
@@ -21,6 +21,8 @@ IMAGE_EXTENSION = ".png"
 # an images.zip member may inflate to this: 9 × the pixels of a 1920 × 1280 RGB image
 MAX_IMAGE_FILE_BYTES = 1 << 26
 METRICS = ("text", "image", "group")  # the credits of an example
+# what a results record says of its example besides its id and scores
+TAGS = ("tag", "secondary_tag", "num_main_preds", "collapsed_tag")
 
 
 @dataclass
@@ -239,22 +241,87 @@ class ImagePairs(torch.utils.data.Dataset):
                             for image in self.data.images(self.examples[n], self.size)])
 
 
-def read_run(path: str | Path) -> dict[int, list[bool]]:
-    """The text, image and group credits of each example of a run saved with --out, by example
-    id."""
+@dataclass
+class Run:
+    """A run saved with --out, as --compare reads it: the data it scored (settings.data, None in a
+    file without settings such as the toy world's pooled runs) and, by example id, the text, image
+    and group credits and the tags the record holds."""
+    path: Path
+    data: str | None
+    credits: dict[int, list[bool]]
+    tags: dict[int, dict]
+
+
+def read_run(path: str | Path) -> Run:
+    """A run saved with --out, refused unless its ids are integers and its credits true/false with
+    group = text and image."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --compare takes two results files written "
                                 f"with --out")
     try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        results = json.loads(path.read_text(encoding="utf-8"))
+        examples, data = results["examples"], results.get("settings", {}).get("data")
+        if not isinstance(data, str | None):
+            raise TypeError(f"settings.data is {data!r}, not a path")
+        ids = [e["id"] for e in examples]
         credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not written by this script
+        tags = {e["id"]: {key: e[key] for key in TAGS if key in e} for e in examples}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not this script's file
         raise ValueError(f"{path} is not a results file of eval_winoground.py --out "
                          f"({type(err).__name__}: {err})") from None
+    # 1 and "1" would pair as two examples, True and 1 as one
+    odd = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)]
+    if odd:
+        raise ValueError(f"{path}: example id {odd[0]!r} is not an integer, as Winoground's ids "
+                         f"are; write the file again with eval_winoground.py --out")
     flags = [credit for example in credits.values() for credit in example]
     if (not credits or len(credits) != len(examples)
             or not all(isinstance(credit, bool) for credit in flags)):
         raise ValueError(f"{path} holds no examples, repeats an example id or has credits that "
                          f"are not true/false: write it again with eval_winoground.py --out")
-    return credits
+    # the group credit is defined as both: a file that says otherwise was edited, and its McNemar
+    # counts would disagree with its own text and image columns
+    wrong = [i for i, (text, image, group) in credits.items() if group != (text and image)]
+    if wrong:
+        text, image, group = credits[wrong[0]]
+        raise ValueError(f"{path}: example {wrong[0]} has group credit {group} with text {text} "
+                         f"and image {image} ({len(wrong)} such examples), but group is text and "
+                         f"image; score the run again with eval_winoground.py --out")
+    return Run(path, data, credits, tags)
+
+
+def dataset_folder(data: str) -> Path:
+    """The dataset a --data value names, however it was spelled: the folder, its data/ subfolder or
+    its examples.jsonl, resolved from the current folder (where both runs usually started)."""
+    path = Path(data).resolve()
+    path = path.parent if path.name == "examples.jsonl" else path
+    return path.parent if path.name == "data" else path
+
+
+def read_pair(path_a: str | Path, path_b: str | Path) -> tuple[Run, Run]:
+    """Two runs saved with --out, refused unless they scored the same examples: the same ids, the
+    same tags per id and, where both files record it, the same --data. The captions are not saved;
+    the path tells the toy world's test split from its val split (both number their examples
+    0 … N−1), the tags tell a copy drawn or edited again behind the same path."""
+    a, b = read_run(path_a), read_run(path_b)
+    if a.credits.keys() != b.credits.keys():
+        only_a = sorted(a.credits.keys() - b.credits.keys())
+        only_b = sorted(b.credits.keys() - a.credits.keys())
+        raise ValueError(f"{path_a} and {path_b} score different examples ({len(only_a)} only in "
+                         f"the first, e.g. ids {only_a[:5]}; {len(only_b)} only in the second, "
+                         f"e.g. ids {only_b[:5]}): compare two runs on the same examples (the same "
+                         f"--data and --limit)")
+    if None not in (a.data, b.data) and dataset_folder(a.data) != dataset_folder(b.data):
+        raise ValueError(f"{path_a} and {path_b} scored different data (--data {a.data} and "
+                         f"{b.data}), whose example ids only coincide: compare two runs on the "
+                         f"same --data")
+    for i in sorted(a.tags):
+        key = next((k for k in TAGS if k in a.tags[i] and k in b.tags[i]
+                    and a.tags[i][k] != b.tags[i][k]), None)
+        if key is not None:
+            raise ValueError(f"{path_a} and {path_b} scored different examples under the same ids "
+                             f"(example {i}'s {key} is {a.tags[i][key]!r} in the first and "
+                             f"{b.tags[i][key]!r} in the second): compare two runs on the same "
+                             f"--data")
+    return a, b
