@@ -70,8 +70,8 @@ def hub_path(path: str | Path) -> Path:
     repo = cache.expanduser() / f"models--{str(path).replace('/', '--')}"
     ref = repo / "refs" / "main"
     commit = ref.read_bytes()[:100].decode("utf-8", "replace").strip() if ref.is_file() else None
-    if commit is not None and not HUB_COMMIT.fullmatch(commit):
-        raise FileNotFoundError(f"{ref} holds {commit!r}, not a commit hash, so it names no "
+    if commit is not None and not HUB_COMMIT.fullmatch(commit):  # not quoted: it may be anything
+        raise FileNotFoundError(f"{ref} holds something that is not a commit hash, so it names no "
                                 f"snapshot; delete {repo} and download it again with "
                                 f"`huggingface-cli download {path}`")
     snapshot = repo / "snapshots" / commit if commit is not None else None
