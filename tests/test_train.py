@@ -851,6 +851,42 @@ def test_resume_with_an_unreadable_winoground_image_stops_before_training(assets
         main(arguments(assets, out, "--max_steps", str(N_STEPS + 2), "--resume", "--winoground", str(wino)))
     assert str(stopped.value).startswith(f"train.py: {wino / 'images' / 'ex_3_img_1.png'} is not a readable image")
     assert [r["step"] for r in log_records(out)] == list(range(1, N_STEPS + 1))  # no step was taken
+def test_out_that_is_or_lies_inside_a_source_is_one_argparse_line(tmp_path, capsys, monkeypatch):
+    """--out must not write over what the run reads: --clip, --sd (a local folder, a hub id's
+    snapshot) or the shipped toy models, reached through a link or a relative path too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "clip")
+    snapshot = fake_cache(tmp_path / "hub", "org/name")
+    local = ["--clip", "clip", "--sd", str(tmp_path / "sd")]
+    cases = [(local + ["--out", "clip"], "is --clip"), (local + ["--out", "clip/run"], "lies inside --clip"),
+             (local + ["--out", "link/run"], "lies inside --clip"),
+             (local + ["--out", "sd/../sd/unet"], "lies inside --sd"),
+             (["--clip", "org/name", "--out", str(snapshot / "run")], "lies inside --clip"),
+             (["--toy", "--out", str(REPO / "weights" / "toy-models" / "clip")], "lies inside the shipped toy models"),
+             (local + ["--out", str(REPO / "weights" / "toy-models")], "is the shipped toy models")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            get_args(argv)
+        assert stopped.value.code == 2, argv
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert f"{message} (" in err and err.endswith("whose files the run would write over; pass another --out"), err
+    assert get_args(local + ["--out", "out"]).out == "out"  # beside the sources, or above them: allowed
+    assert get_args(local + ["--out", "."]).out == "."
+
+
+def test_missing_sources_name_train_options(assets, tmp_path):
+    """A user of train.py is told which of its options names what is missing."""
+    with pytest.raises(SystemExit, match=rf"^train.py: --clip {tmp_path / 'noclip'}: no such folder — pass a CLIP"):
+        main(arguments(assets, tmp_path / "out", clip=tmp_path / "noclip"))
+    with pytest.raises(SystemExit, match=rf"^train.py: --sd {tmp_path / 'nosd'}: .*unet not found — pass a Stable"):
+        main(arguments(assets, tmp_path / "out", sd=tmp_path / "nosd"))
+    with pytest.raises(SystemExit, match=r"captions_train2017.json not found — pass --coco_root the folder"):
+        main(arguments(assets, tmp_path / "out", coco=tmp_path / "nococo"))
+
+
 
 
 def edit_checkpoint(path: Path, edit) -> None:

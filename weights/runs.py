@@ -40,6 +40,7 @@ RESUMABLE_CHANGES = {"clip", "sd", "coco_root", "out", "resume", "max_steps", "s
                      "log_every", "device", "num_workers", "skip_bad_images",
                      "gradient_checkpointing", "winoground", "toy"}
 LOGGED_CHANGES = {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
+TOY_MODELS = Path(__file__).resolve().parent / "toy-models"  # the toy world's, shipped in git
 
 
 # ------------------------------------------------------------------------ checkpoints and resume
@@ -346,9 +347,14 @@ def find_weights(args: argparse.Namespace) -> tuple[Path, Path]:
                                 f"`python weights/download.py {' '.join(p.name for p in missing)}`")
     clip, sd = hub_path(args.clip), hub_path(args.sd)
     parts = ("unet", "text_encoder", "tokenizer") + (("vae",) if args.mapper == "fitted" else ())
-    for folder in (clip, *(sd / part for part in parts)):
+    if not clip.is_dir():
+        raise FileNotFoundError(f"--clip {clip}: no such folder — pass a CLIP folder or a hub id "
+                                f"in the local cache, or run `python weights/download.py`")
+    for folder in (sd / part for part in parts):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} not found — run `python weights/download.py`")
+            raise FileNotFoundError(f"--sd {args.sd}: {folder} not found — pass a Stable "
+                                    f"Diffusion folder with {', '.join(parts)}/, or run "
+                                    f"`python weights/download.py`")
     check_scheduler(sd)  # an ε-prediction model with SD's noise schedule
     return clip, sd
 
@@ -357,6 +363,28 @@ def can_write(folder: Path) -> bool:
     """Whether files can be made in `folder`, making it first if need be (nothing is made here)."""
     existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def out_problem(args: argparse.Namespace) -> str | None:
+    """Why train.py cannot write to --out, in one sentence, or None: a file or a read-only folder
+    in its way, or a source it would overwrite: --out is --clip, --sd or the shipped toy models,
+    or lies inside one (links and relative paths resolved; a hub id as its snapshot in the local
+    cache, where it is one)."""
+    if not can_write(Path(args.out)):
+        return (f"--out {args.out} cannot be written (a file or a read-only folder is in its "
+                f"way); pass another --out")
+    out = Path(args.out).resolve()
+    sources = {"--clip": args.clip, "--sd": args.sd, "the shipped toy models": TOY_MODELS}
+    for name, source in sources.items():
+        try:
+            folder = hub_path(source) if source is not None else None
+        except FileNotFoundError:  # a hub id that is not in the cache: read_sources says so
+            folder = Path(source)
+        if folder is not None and out.is_relative_to(folder.resolve()):
+            where = "is" if out == folder.resolve() else "lies inside"
+            return (f"--out {args.out} {where} {name} ({folder.resolve()}), whose files the run "
+                    f"would write over; pass another --out")
+    return None
 
 
 def write_results(results: dict, out: str) -> None:
