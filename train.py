@@ -58,10 +58,10 @@ from sds import Mapper, NoiseSchedule, contrastive_loss, encode_prompt, fit_mapp
 from sds import sd_image_transform, sds_loss
 from weights.coco import CocoCaptions, batches, check_images, image_chunks
 from weights.networks import load_vae
-from weights.runs import CHECKPOINT_FILE, LOG_FILE, append_log, can_write, check_resume, export
+from weights.runs import CHECKPOINT_FILE, LOG_FILE, append_log, check_resume, export
 from weights.runs import default_precision, fingerprint, gradient_summary, log_step, nonfinite
-from weights.runs import read_checkpoint, read_sources, restore, save_checkpoint, start_log
-from weights.runs import trained_state
+from weights.runs import out_problem, read_checkpoint, read_sources, restore, save_checkpoint
+from weights.runs import start_log, trained_state
 from weights.winoground import Winoground
 
 TOY_OUT = "out/toy-sds-clip"
@@ -536,9 +536,8 @@ def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
         least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "mapper_images": 20}.get(name, 0)
         if getattr(args, name) < least:
             p.error(f"--{name} must be {least} or more; got {getattr(args, name)}")
-    if not can_write(Path(args.out)):  # now, not after the models have loaded
-        p.error(f"--out {args.out} cannot be written (a file or a read-only folder is in its way); "
-                f"pass another --out")
+    if problem := out_problem(args):  # now, not after the models have loaded
+        p.error(problem)
 
 
 # ----------------------------------------------------------------------------- data

@@ -872,6 +872,19 @@ def test_hub_id_not_in_the_cache_says_where_it_looked_and_how_to_get_it(tmp_path
         assert hub_path(path) == Path(path)
 
 
+def test_hub_refs_main_that_is_not_a_hash_is_not_quoted(tmp_path, monkeypatch):
+    """refs/main may hold anything (a token pasted there by mistake, say): the error says that it is no
+    commit hash without repeating what it holds."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_cache(tmp_path / "hub", "org/name")
+    ref = tmp_path / "hub" / "models--org--name" / "refs" / "main"
+    ref.write_text("hf_SECRETtoken")
+    with pytest.raises(FileNotFoundError) as err:
+        hub_path("org/name")
+    assert "SECRET" not in str(err.value)
+    assert f"{ref} holds something that is not a commit hash" in str(err.value)
+
+
 @pytest.mark.parametrize("case", ["../ in refs/main", "absolute refs/main", "snapshot link", "file link", "binary"])
 def test_hub_id_whose_snapshot_leads_out_of_the_cache_is_refused(tmp_path, monkeypatch, case):
     """Only what lies in the repo's own cache folder loads; its files may link into its blobs/ as the hub's do."""

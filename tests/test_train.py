@@ -9,10 +9,11 @@ learning-rate schedule and clipping change (and logs it); torchrun with 2 proces
 process at the same global batch; the export loads in transformers with the same embeddings as
 our load_clip; --winoground scores as eval_winoground does and changes no weight; --toy makes the
 toy world the defaults; --trainable image / all train what they name and export; --mapper fitted is the
-ridge fit, frozen, and resumes bit-identically; the logged gradient norms are each loss term's own (zero at
-λ = 0, the same with two processes); bad inputs, bad settings and damaged checkpoints stop with one sentence
-naming the file or value; a non-finite loss, gradient or update stops the run, and the checkpoint
-it names holds weights that gave a finite loss.
+ridge fit, frozen, and resumes bit-identically; the logged gradient norms, the whole one and each loss term's
+own, are the same with two processes (the terms' zero at λ = 0); --grad_clip bounds the gradient AdamW steps
+with; a bf16 checkpoint resumes in bf16 only; bad inputs, bad settings (an --out inside a source among them)
+and damaged checkpoints stop with one sentence naming the file or value and train.py's option; a non-finite
+loss, gradient or update stops the run, and the checkpoint it names holds weights that gave a finite loss.
 """
 
 import argparse
@@ -36,6 +37,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DistributedSampler
 
 import train as train_py
@@ -457,6 +459,11 @@ def test_precision_bf16_trains_float32_weights(assets, reference_run, tmp_path):
     assert {k: v.dtype for k, v in state.items() if v.dtype != torch.float32} == {}
     for file in ("model.safetensors", "mapper.safetensors"):
         assert {k: v.dtype for k, v in load_file(tmp_path / file).items() if v.dtype != torch.float32} == {}, file
+    # a bf16 run resumes in bf16 only: --precision fp32, or the CPU's default (fp32), is refused
+    for precision in (["--precision", "fp32"], []):
+        with pytest.raises(SystemExit, match="other settings \\(--precision 'bf16' → 'fp32'\\)"):
+            main(arguments(assets, tmp_path, "--max_steps", "3", "--resume", *precision))
+    assert checkpoint_step(tmp_path / "checkpoint.safetensors") == 2
 
 
 def test_resume_refuses_another_precision(assets, reference_run, tmp_path):
@@ -661,7 +668,9 @@ def test_torchrun_two_processes_matches_one(assets, reference_run, tmp_path, par
     log1 = [json.loads(line) for line in (reference_run / "log.jsonl").read_text().splitlines()]
     parity("train torchrun ×2 vs 1 process, logged losses", torch.tensor([r["loss"] for r in log2]),
            torch.tensor([r["loss"] for r in log1]), atol=1e-5)
-    for key in ("clip_grad_norm", "sds_grad_norm"):  # what each term sends to f_φ(x), over the global batch
+    # the gradient norm AdamW sees (which AdamW hides in the weights if it is uniformly scaled, by a
+    # wrong 1/W, say), and what each term sends to f_φ(x), over the global batch
+    for key in ("grad_norm", "clip_grad_norm", "sds_grad_norm"):
         torch.testing.assert_close(torch.tensor([r[key] for r in log2]), torch.tensor([r[key] for r in log1]),
                                    rtol=1e-4, atol=1e-7)
 
@@ -802,6 +811,26 @@ def test_update_that_leaves_state_nonfinite_stops_and_is_not_saved(assets, tmp_p
     assert not nonfinite(load_file(out / "checkpoint.safetensors"))
 
 
+def test_grad_clip_bounds_the_gradient_adamw_steps_with(assets, reference_run, tmp_path):
+    """--grad_clip at half the smallest gradient norm of the reference run: at every step AdamW
+    sees the gradient scaled to norm --grad_clip, while log.jsonl keeps the norm before clipping."""
+    max_norm = min(r["grad_norm"] for r in log_records(reference_run)) / 2
+    seen = []
+
+    def spy(optimizer, args, kwargs):  # the norm of the gradient the step is about to use
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(spy)
+    try:
+        main(arguments(assets, tmp_path, "--max_steps", "3", "--grad_clip", str(max_norm)))
+    finally:
+        handle.remove()
+    logged = [r["grad_norm"] for r in log_records(tmp_path)]
+    assert len(seen) == len(logged) == 3 and min(logged) > max_norm  # the clip had work to do
+    assert seen == pytest.approx([max_norm] * 3, rel=1e-3)  # scaled by max_norm / (norm + 1e-6)
+
+
 def test_write_checkpoint_refuses_nonfinite_state(tmp_path):
     state = {"param.w": torch.ones(3), "adamw.w.step": torch.tensor(1.0), "adamw.w.exp_avg_sq": torch.ones(3)}
     write_checkpoint(tmp_path / "a.safetensors", state, {"step": 1})
@@ -819,6 +848,42 @@ def test_out_that_cannot_be_written_is_one_argparse_line(tmp_path, capsys):
         get_args(["--out", str(tmp_path / "file" / "out")])
     assert stopped.value.code == 2
     assert f"--out {tmp_path / 'file' / 'out'} cannot be written" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_out_that_is_or_lies_inside_a_source_is_one_argparse_line(tmp_path, capsys, monkeypatch):
+    """--out must not write over what the run reads: --clip, --sd (a local folder, a hub id's
+    snapshot) or the shipped toy models, reached through a link or a relative path too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "clip")
+    snapshot = fake_cache(tmp_path / "hub", "org/name")
+    local = ["--clip", "clip", "--sd", str(tmp_path / "sd")]
+    cases = [(local + ["--out", "clip"], "is --clip"), (local + ["--out", "clip/run"], "lies inside --clip"),
+             (local + ["--out", "link/run"], "lies inside --clip"),
+             (local + ["--out", "sd/../sd/unet"], "lies inside --sd"),
+             (["--clip", "org/name", "--out", str(snapshot / "run")], "lies inside --clip"),
+             (["--toy", "--out", str(REPO / "weights" / "toy-models" / "clip")], "lies inside the shipped toy models"),
+             (local + ["--out", str(REPO / "weights" / "toy-models")], "is the shipped toy models")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            get_args(argv)
+        assert stopped.value.code == 2, argv
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert f"{message} (" in err and err.endswith("whose files the run would write over; pass another --out"), err
+    assert get_args(local + ["--out", "out"]).out == "out"  # beside the sources, or above them: allowed
+    assert get_args(local + ["--out", "."]).out == "."
+
+
+def test_missing_sources_name_train_options(assets, tmp_path):
+    """A user of train.py is told which of its options names what is missing."""
+    with pytest.raises(SystemExit, match=rf"^train.py: --clip {tmp_path / 'noclip'}: no such folder — pass a CLIP"):
+        main(arguments(assets, tmp_path / "out", clip=tmp_path / "noclip"))
+    with pytest.raises(SystemExit, match=rf"^train.py: --sd {tmp_path / 'nosd'}: .*unet not found — pass a Stable"):
+        main(arguments(assets, tmp_path / "out", sd=tmp_path / "nosd"))
+    with pytest.raises(SystemExit, match=r"captions_train2017.json not found — pass --coco_root the folder"):
+        main(arguments(assets, tmp_path / "out", coco=tmp_path / "nococo"))
 
 
 def test_missing_default_weights_name_the_download_command(tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ class CocoCaptions(Dataset):
         root, self.transform, self.seed, self.image_size = Path(root), transform, seed, image_size
         self.file = file = root / CAPTIONS_FILE
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found — run `python weights/download.py --coco "
-                                    f"{root}`")
+            raise FileNotFoundError(f"{file} not found — pass --coco_root the folder that holds "
+                                    f"annotations/ and {IMAGES_DIR}/, or run `python "
+                                    f"weights/download.py --coco {root}`")
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
             images, captions, self.skipped = self._index(data)

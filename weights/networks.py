@@ -15,9 +15,11 @@ are the checkpoint keys, so the tensors load with strict=True.
   diffusion_pytorch_model(.fp16).safetensors.
 - A whole Stable Diffusion folder (`load_stable_diffusion`), its scheduler checked
   (`check_scheduler`).
-Each save_* writes the layout its load_* (and transformers / diffusers) reads.
+Each save_* writes the layout its load_* (and transformers / diffusers) reads, every file
+atomically (`write_atomically`, which weights/runs.py uses for its files too).
 """
 
+import contextlib
 import gzip
 import json
 import math
@@ -32,7 +34,7 @@ from typing import Callable, NamedTuple
 import regex
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from clip import CLIP, EOT, LEGACY_EOS_TOKEN_ID, SOT, CLIPConfig, TextConfig, Tokenizer, VisionConfig
 from clip import bytes_to_unicode
@@ -68,8 +70,8 @@ def hub_path(path: str | Path) -> Path:
     repo = cache.expanduser() / f"models--{str(path).replace('/', '--')}"
     ref = repo / "refs" / "main"
     commit = ref.read_bytes()[:100].decode("utf-8", "replace").strip() if ref.is_file() else None
-    if commit is not None and not HUB_COMMIT.fullmatch(commit):
-        raise FileNotFoundError(f"{ref} holds {commit!r}, not a commit hash, so it names no "
+    if commit is not None and not HUB_COMMIT.fullmatch(commit):  # not quoted: it may be anything
+        raise FileNotFoundError(f"{ref} holds something that is not a commit hash, so it names no "
                                 f"snapshot; delete {repo} and download it again with "
                                 f"`huggingface-cli download {path}`")
     snapshot = repo / "snapshots" / commit if commit is not None else None
@@ -163,8 +165,29 @@ def save_clip(model: CLIP, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+    write_atomically(folder / "model.safetensors", save(state, metadata={"format": "pt"}))
+    write_atomically(folder / "config.json",
+                     (json.dumps(model.config.to_hf(), indent=2) + "\n").encode())
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """`data` as the file `path`: a reader, a crash or a full disk sees the old file or the new one,
+    never part of one (it is written beside it, then renamed over it). A link at either name is
+    replaced, never written through."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # one a killed run left, or a link planted there
+    try:
+        # O_EXCL: a name that exists again, a link included, is an error rather than followed
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # ---- the steps of load_clip
@@ -652,9 +675,9 @@ def _check_keys_and_shapes(part: _Part, model: torch.nn.Module, state_dict: dict
 def _save_part(model: torch.nn.Module, folder, config: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomically(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_atomically(folder / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
 
 
 # ---- the checks of a diffusers config.json

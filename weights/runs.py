@@ -3,11 +3,11 @@ weights, AdamW's state, what a resume checks), its log.jsonl, the fine-tuned CLI
 sources' fingerprints; eval_winoground.py's results file. Every file is written atomically."""
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from clip import image_transform
 from weights.coco import CAPTIONS_FILE, CocoCaptions
 from weights.networks import OPEN_CLIP_WEIGHTS, check_scheduler, hub_path, load_clip, load_tokenizer
-from weights.networks import load_unet, save_clip
+from weights.networks import load_unet, save_clip, write_atomically
 from weights.winoground import Winoground
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -40,6 +40,7 @@ RESUMABLE_CHANGES = {"clip", "sd", "coco_root", "out", "resume", "max_steps", "s
                      "log_every", "device", "num_workers", "skip_bad_images",
                      "gradient_checkpointing", "winoground", "toy"}
 LOGGED_CHANGES = {"lr", "warmup_steps", "cosine", "epochs", "grad_clip", "weight_decay"}
+TOY_MODELS = Path(__file__).resolve().parent / "toy-models"  # the toy world's, shipped in git
 
 
 # ------------------------------------------------------------------------ checkpoints and resume
@@ -77,8 +78,14 @@ def save_checkpoint(run) -> None:
     if run.rank == 0:
         meta = {"step": run.step, "batches_per_epoch": run.steps_per_epoch * run.args.grad_accum,
                 "settings": vars(run.args), "identity": run.sources}
-        state = trained_state(run.objective, run.optimizer)
-        write_checkpoint(Path(run.args.out) / CHECKPOINT_FILE, state, meta)
+        path = Path(run.args.out) / CHECKPOINT_FILE
+        try:
+            write_checkpoint(path, trained_state(run.objective, run.optimizer), meta)
+        except OSError as err:  # a full disk, say: write_checkpoint left the last one whole
+            then = ("start again" if run.saved_step is None else f"continue from step "
+                    f"{run.saved_step}'s checkpoint, kept there, with --resume")
+            raise SystemExit(f"train.py: {path} cannot be written ({err}); free some space and "
+                             f"{then}") from None
     run.saved_step = run.step
 
 
@@ -257,18 +264,21 @@ def log_step(run, progress, losses: list, lr: float, grad_norm: float, embed_gra
 
 
 def append_log(run, record: dict) -> None:
-    with open(Path(run.args.out) / LOG_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """A reader, or a crash, sees the old file or the new one, never part of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """One line at the end of log.jsonl. An append cannot be atomic: a full disk may take part of
+    the line, which is cut off again, so that the log holds whole lines (a killed run may still
+    leave half of one: start_log drops it on resume)."""
+    file, line = Path(run.args.out) / LOG_FILE, (json.dumps(record) + "\n").encode()
+    # never through a link; unbuffered: one write, whose length is counted
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    with open(os.open(file, flags, 0o666), "ab", buffering=0) as f:
+        end = f.seek(0, os.SEEK_END)
+        try:
+            if f.write(line) != len(line):
+                raise OSError(errno.ENOSPC, "only part of the line was written")
+        except OSError as err:
+            f.truncate(end)
+            raise SystemExit(f"train.py: {file} cannot be appended to ({err}); free some space "
+                             f"and continue with --resume") from None
 
 
 def export(model: nn.Module, args) -> None:
@@ -278,10 +288,10 @@ def export(model: nn.Module, args) -> None:
     save_clip(model.clip, out)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copy(source / name, out / name)
+            write_atomically(out / name, (source / name).read_bytes())
     mapper = {k: v.detach().cpu().contiguous() for k, v in model.mapper.state_dict().items()}
     metadata = {"latent_shape": json.dumps(model.mapper.latent_shape)}
-    save_file(mapper, out / "mapper.safetensors", metadata=metadata)
+    write_atomically(out / "mapper.safetensors", save(mapper, metadata=metadata))
 
 
 def gradient_summary(log_file: Path) -> str:
@@ -337,9 +347,14 @@ def find_weights(args: argparse.Namespace) -> tuple[Path, Path]:
                                 f"`python weights/download.py {' '.join(p.name for p in missing)}`")
     clip, sd = hub_path(args.clip), hub_path(args.sd)
     parts = ("unet", "text_encoder", "tokenizer") + (("vae",) if args.mapper == "fitted" else ())
-    for folder in (clip, *(sd / part for part in parts)):
+    if not clip.is_dir():
+        raise FileNotFoundError(f"--clip {clip}: no such folder — pass a CLIP folder or a hub id "
+                                f"in the local cache, or run `python weights/download.py`")
+    for folder in (sd / part for part in parts):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} not found — run `python weights/download.py`")
+            raise FileNotFoundError(f"--sd {args.sd}: {folder} not found — pass a Stable "
+                                    f"Diffusion folder with {', '.join(parts)}/, or run "
+                                    f"`python weights/download.py`")
     check_scheduler(sd)  # an ε-prediction model with SD's noise schedule
     return clip, sd
 
@@ -350,14 +365,43 @@ def can_write(folder: Path) -> bool:
     return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
 
 
+def out_problem(args: argparse.Namespace) -> str | None:
+    """Why train.py cannot write to --out, in one sentence, or None: a file or a read-only folder
+    in its way, or a source it would overwrite: --out is --clip, --sd or the shipped toy models,
+    or lies inside one (links and relative paths resolved; a hub id as its snapshot in the local
+    cache, where it is one)."""
+    if not can_write(Path(args.out)):
+        return (f"--out {args.out} cannot be written (a file or a read-only folder is in its "
+                f"way); pass another --out")
+    out = Path(args.out).resolve()
+    sources = {"--clip": args.clip, "--sd": args.sd, "the shipped toy models": TOY_MODELS}
+    for name, source in sources.items():
+        try:
+            folder = hub_path(source) if source is not None else None
+        except FileNotFoundError:  # a hub id that is not in the cache: read_sources says so
+            folder = Path(source)
+        if folder is not None and out.is_relative_to(folder.resolve()):
+            where = "is" if out == folder.resolve() else "lies inside"
+            return (f"--out {args.out} {where} {name} ({folder.resolve()}), whose files the run "
+                    f"would write over; pass another --out")
+    return None
+
+
 def write_results(results: dict, out: str) -> None:
-    """results.json to --out or, if that fails now that the work is done, to a temporary file: say where."""
-    text = json.dumps(results, indent=1) + "\n"
+    """results.json to --out or, if that fails now that the work is done, to a temporary file: say
+    where. Either is whole or absent."""
+    data = (json.dumps(results, indent=1) + "\n").encode()
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        write_atomically(Path(out), data)
     except OSError as err:
-        with tempfile.NamedTemporaryFile("w", prefix="winoground-", suffix=".json", delete=False) as kept:
-            kept.write(text)
-        sys.exit(f"error: --out {out} cannot be written ({err}); the results are in {kept.name}")
+        handle, kept = tempfile.mkstemp(prefix="winoground-", suffix=".json")  # a name of our own
+        os.close(handle)
+        try:
+            write_atomically(Path(kept), data)
+        except OSError as again:
+            os.remove(kept)
+            sys.exit(f"error: --out {out} cannot be written ({err}), nor {kept} ({again}); the "
+                     f"results are lost: free some space and run again")
+        sys.exit(f"error: --out {out} cannot be written ({err}); the results are in {kept}")
     print(f"wrote {out}")
