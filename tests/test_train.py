@@ -884,6 +884,11 @@ def test_missing_sources_name_train_options(assets, tmp_path):
         main(arguments(assets, tmp_path / "out", sd=tmp_path / "nosd"))
     with pytest.raises(SystemExit, match=r"captions_train2017.json not found — pass --coco_root the folder"):
         main(arguments(assets, tmp_path / "out", coco=tmp_path / "nococo"))
+    with pytest.raises(SystemExit, match=r"Winoground not found at .*, or pass --winoground$"):
+        main(arguments(assets, tmp_path / "out", "--winoground", str(tmp_path / "nowino")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"no parquet files: point --winoground to a copy of "):
+        main(arguments(assets, tmp_path / "out", "--winoground", str(tmp_path / "empty")))
 
 
 def test_missing_default_weights_name_the_download_command(tmp_path, monkeypatch):

@@ -319,7 +319,7 @@ def read_sources(args: argparse.Namespace, read_winoground_images: bool = False)
     device = torch.device(args.device)
     sd_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     try:
-        winoground = Winoground(args.winoground) if args.winoground else None
+        winoground = Winoground(args.winoground, "--winoground") if args.winoground else None
         clip_path, sd = find_weights(args)
         clip, tokenizer = load_clip(clip_path, device), load_tokenizer(clip_path)
         unet = load_unet(sd / "unet", device, sd_dtype).requires_grad_(False)

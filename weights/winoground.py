@@ -73,14 +73,15 @@ class Winoground:
     (ex_0_img_0.png, …) or images.zip, or parquet files; or examples.jsonl or a .parquet file.
     Every image is checked to exist up front, so a broken copy fails before any model loads."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, option: str = "--data"):
+        """`option`: the command-line option that named `path`, for the messages."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Winoground not found at {path}: it is gated on the Hugging "
                                     f"Face hub, so accept its terms at "
                                     f"https://huggingface.co/datasets/facebook/winoground, "
                                     f"then run `python weights/download.py --winoground {path} "
-                                    f"--token hf_...`, or pass --data")
+                                    f"--token hf_...`, or pass {option}")
         self.root, self.zip, self.image_bytes = None, None, {}
         if path.name == "examples.jsonl":
             path = path.parent
@@ -93,7 +94,7 @@ class Winoground:
                      else sorted(path.rglob("*.parquet")))
             if not files:
                 raise FileNotFoundError(f"{path} holds no examples.jsonl (nor data/examples.jsonl) "
-                                        f"and no parquet files: point --data to a copy of "
+                                        f"and no parquet files: point {option} to a copy of "
                                         f"facebook/winoground")
             self.examples = self._read_parquet(files)
         ids = [e.id for e in self.examples]
