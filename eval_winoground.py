@@ -483,6 +483,36 @@ def score_clip(args: argparse.Namespace, data: Winoground, examples: list[Exampl
     return records, title
 
 
+def score_sd(args: argparse.Namespace, data: Winoground, examples: list[Example],
+             settings: dict) -> tuple:
+    """--sd: the diffusion score's records and the table's title; `settings` gains the run's."""
+    timesteps = timestep_grid(args.timesteps)
+    sd = load_stable_diffusion(
+        args.sd, args.device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    batch_size, resolution = args.batch_size or 8, args.resolution or sd.resolution
+    if resolution > MODEL_RESOLUTION_FACTOR * sd.resolution:
+        raise ValueError(f"--resolution {resolution} is more than {MODEL_RESOLUTION_FACTOR} × "
+                         f"the {sd.resolution} pixels of {args.sd}; pass --resolution "
+                         f"{MODEL_RESOLUTION_FACTOR * sd.resolution} or less, or leave it out")
+    settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(),
+                 "seed": args.seed, "resolution": resolution, "batch_size": batch_size,
+                 "normalize_image_score": args.normalize_image_score,
+                 "score": "minus the mean over timesteps of the denoising error "
+                          "‖ε_θ(z_t, t, c) − ε‖²"}
+    errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, resolution,
+                              args.normalize_image_score, args.device, args.workers,
+                              args.precision)  # (N, C, 2, T)
+    check_finite(errors, examples, f"Stable Diffusion {args.sd}")
+    scores = -errors[:, :2].mean(dim=-1)  # (N, 2, 2): s[c][i] = −E_t error
+    image_scores = (-(errors[:, :2] - errors[:, 2:]).mean(dim=-1)
+                    if args.normalize_image_score else None)
+    records = score_examples(examples, scores, image_scores)
+    title = (f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, "
+             f"seed {args.seed}") + (
+        ", image score normalised" if args.normalize_image_score else "")
+    return records, title
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Score Winoground as the command line asks; returns the results.json content."""
     if args.clip is None and args.sd is None:
@@ -503,30 +533,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.clip is not None:
         records, title = score_clip(args, data, examples, settings)
     else:
-        timesteps = timestep_grid(args.timesteps)
-        sd = load_stable_diffusion(
-            args.sd, args.device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-        batch_size, resolution = args.batch_size or 8, args.resolution or sd.resolution
-        if resolution > MODEL_RESOLUTION_FACTOR * sd.resolution:
-            raise ValueError(f"--resolution {resolution} is more than {MODEL_RESOLUTION_FACTOR} × "
-                             f"the {sd.resolution} pixels of {args.sd}; pass --resolution "
-                             f"{MODEL_RESOLUTION_FACTOR * sd.resolution} or less, or leave it out")
-        settings |= {"scorer": "diffusion", "model": str(args.sd), "timesteps": timesteps.tolist(),
-                     "seed": args.seed, "resolution": resolution, "batch_size": batch_size,
-                     "normalize_image_score": args.normalize_image_score,
-                     "score": "minus the mean over timesteps of the denoising error "
-                              "‖ε_θ(z_t, t, c) − ε‖²"}
-        errors = diffusion_errors(sd, data, examples, timesteps, args.seed, batch_size, resolution,
-                                  args.normalize_image_score, args.device, args.workers,
-                                  args.precision)  # (N, C, 2, T)
-        check_finite(errors, examples, f"Stable Diffusion {args.sd}")
-        scores = -errors[:, :2].mean(dim=-1)  # (N, 2, 2): s[c][i] = −E_t error
-        image_scores = (-(errors[:, :2] - errors[:, 2:]).mean(dim=-1)
-                        if args.normalize_image_score else None)
-        records = score_examples(examples, scores, image_scores)
-        title = (f"Winoground, Stable Diffusion {args.sd}, {len(timesteps)} timesteps, "
-                 f"seed {args.seed}") + (
-            ", image score normalised" if args.normalize_image_score else "")
+        records, title = score_sd(args, data, examples, settings)
     try:
         summary = summarize(records, args.bootstrap)
     except BaseException:  # MemoryError, Ctrl-C: the scores took hours, the intervals take seconds
