@@ -7,6 +7,7 @@ One `--quick` build per session (about a minute) serves most tests here.
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -171,6 +172,87 @@ def test_swaps_change_what_the_picture_shows():
                 assert (scene.first[0], scene.second[0]) == (swapped.second[0], swapped.first[0])
             else:  # the objects trade places
                 assert (scene.first, scene.second) == (swapped.second, swapped.first)
+
+
+# What a caption says, read by rules of this test's own rather than the world's grammar tables: its
+# two noun phrases, and whether the first place word between them puts the first phrase first.
+NOUN_PHRASE = re.compile(rf"\b(?:a|the) ({'|'.join(toyworld.COLOURS)}) ({'|'.join(toyworld.SHAPES)})\b")
+PUTS_FIRST = {"left": "h", "above": "v", "top": "v"}  # "X left of Y", "X on top of Y", …
+PUTS_SECOND = {"right": "h", "below": "v", "under": "v", "bottom": "v"}  # "X right of Y", …
+
+
+def read_caption(caption: str) -> dict:
+    """The scene a caption describes, in scenes.json's form."""
+    x, y = NOUN_PHRASE.finditer(caption)  # exactly two noun phrases
+    word = next(w for w in caption[x.end(): y.start()].split() if w in PUTS_FIRST | PUTS_SECOND)
+    first, second = (x, y) if word in PUTS_FIRST else (y, x)
+    return {"first": list(first.groups()), "second": list(second.groups()),
+            "axis": (PUTS_FIRST | PUTS_SECOND)[word]}
+
+
+def test_read_caption_reads_each_relation():
+    scene = {"first": ["red", "circle"], "second": ["blue", "square"]}
+    for caption, axis in (("a red circle to the left of a blue square", "h"),
+                          ("there is the blue square right of the red circle", "h"),
+                          ("a blue square on the right and a red circle on the left", "h"),
+                          ("a picture of a red circle on top of a blue square", "v"),
+                          ("a blue square under a red circle", "v"),
+                          ("a red circle at the top and a blue square at the bottom", "v")):
+        assert read_caption(caption) == scene | {"axis": axis}, caption
+
+
+@pytest.mark.parametrize("split", ["val", "test", "new_objects"])
+def test_each_caption_describes_its_own_image_and_not_the_other(world, split):
+    """Caption k of an example says what scenes.json (the ground truth) holds of image k, for every
+    kind of swap, and not what it holds of image 1 − k; the pictures show their scenes."""
+    examples, truth, images = toyworld.read_split(world[split])
+    assert {e["tag"] for e in examples} == set(toyworld.TAGS)
+    for e in examples:
+        for k in range(2):
+            said = read_caption(e[f"caption_{k}"])
+            assert said == truth[e[f"image_{k}"]] and said != truth[e[f"image_{1 - k}"]], e
+    names = [e[f"image_{k}"] for e in examples for k in range(2)]
+    assert np.mean([toyworld.placed_right(im, truth[n]) for im, n in zip(images, names)]) >= 0.9
+
+
+def test_train_captions_describe_their_image(world):
+    data = json.loads((world["train"] / "annotations" / "captions_train2017.json").read_text())
+    truth = json.loads((world["train"] / "scenes.json").read_text())
+    name = {im["id"]: im["file_name"] for im in data["images"]}
+    assert all(read_caption(a["caption"]) == truth[name[a["image_id"]]]
+               for a in data["annotations"])
+
+
+def blocks_pairings(blocks) -> set[frozenset]:
+    """The two pairings of objects a block of (2 colours, 2 shapes) holds, written out here."""
+    held = set()
+    for (c0, c1), (s0, s1) in blocks:
+        held |= {frozenset({(c0, s0), (c1, s1)}), frozenset({(c1, s0), (c0, s1)})}
+    return held
+
+
+def test_no_val_or_test_pairing_occurs_in_train(world):
+    """Recomputed from VAL_BLOCKS and TEST_BLOCKS, not read from HELD_OUT_PAIRINGS: no train scene
+    holds a pairing of val or test, and val and test hold only theirs."""
+    held_out = blocks_pairings(toyworld.VAL_BLOCKS + toyworld.TEST_BLOCKS)
+    assert len(held_out) == 2 * len(toyworld.VAL_BLOCKS + toyworld.TEST_BLOCKS)
+    assert not {pairing(s) for s in scenes(world["train"])} & held_out
+    for split, blocks in (("val", toyworld.VAL_BLOCKS), ("test", toyworld.TEST_BLOCKS)):
+        assert {pairing(s) for s in scenes(world[split])} <= blocks_pairings(blocks)
+    rng = np.random.default_rng(1)  # and the full train split's scenes
+    assert not {pairing(toyworld.random_scene(rng)) for _ in range(5000)} & held_out
+
+
+def test_every_train_scene_holds_two_colours_and_two_shapes(world):
+    """As the world defines a training scene (random_scene): two objects that differ in colour and
+    in shape, side by side or one above the other; and the pictures show those two colours."""
+    train = scenes(world["train"])
+    assert all(s.first[0] != s.second[0] and s.first[1] != s.second[1] and s.axis in ("h", "v")
+               for s in train)
+    pictures = toyworld.TrainSet.read(world["train"]).pixels
+    read = [toyworld.read_colours(toyworld.to_pil(toyworld.vae_pixels(p[None]))[0], s.axis)
+            for p, s in zip(pictures, train)]
+    assert np.mean([r == (s.first[0], s.second[0]) for r, s in zip(read, train)]) >= 0.95
 
 
 def test_reader_reads_the_real_images(tmp_path):
