@@ -266,3 +266,19 @@ def test_finetune_takes_train_pys_trainable_set(world, tmp_path):
     assert {key for key in moved if key.startswith("text_model.")} <= layernorms
     assert "visual_projection.weight" in moved and "text_projection.weight" not in moved
     assert any(key.startswith("vision_model.encoder") and key not in layernorms for key in moved)
+
+
+@pytest.mark.parametrize("command", [["picture", "--runs", "r", "--out", "p.png", "--count", "0"],
+                                     ["picture", "--runs", "r", "--out", "p.png", "--count", "-2"],
+                                     ["probe", "--clip", "no/such/clip"],
+                                     ["retention", "--clip", "no/such/clip"],
+                                     ["finetune", "--out", "o", "--clip", "no/such/clip"],
+                                     ["finetune", "--out", "o", "--max_steps", "-1"]])
+def test_bad_options_are_one_argparse_line(tmp_path, capsys, command):
+    """Refused before the world is built: exit 2, one error line that names the flag."""
+    world = tmp_path / "w"
+    with pytest.raises(SystemExit) as exit_:
+        tc.main([*command, "--quick", "--world", str(world)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and ": error: " in error and command[-2] in error
+    assert not world.exists()

@@ -515,6 +515,19 @@ def add_finetune_parser(commands, world: argparse.ArgumentParser) -> None:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The settings that argparse cannot check alone, each a p.error that names the flag."""
+    clip = getattr(args, "clip", None)
+    if clip:
+        try:
+            found = hub_path(clip).is_dir()
+        except (FileNotFoundError, ValueError):
+            found = False
+        if not found:
+            p.error(f"--clip {clip}: no such CLIP folder (a folder with config.json and "
+                    f"model.safetensors, e.g. a train.py --out)")
+    if args.command == "picture" and args.count < 1:
+        p.error(f"--count must be 1 or more; got {args.count}")
+    if args.command == "finetune" and args.max_steps < 0:
+        p.error(f"--max_steps must be 0 (all epochs) or more; got {args.max_steps}")
     if args.quick and Path(args.world) == TOY_DIR:
         p.error(f"--quick needs its own --world folder: {TOY_DIR} holds the full world")
     if args.command == "finetune" and not (math.isfinite(args.ranking_weight)
