@@ -296,3 +296,16 @@ def test_bad_options_are_one_argparse_line(tmp_path, capsys, command):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and ": error: " in error and command[-2] in error
     assert not world.exists()
+
+
+def test_finetune_never_writes_into_the_shipped_models(tmp_path, monkeypatch, capsys):
+    def never_built(*args, **kwargs):
+        raise AssertionError("built: --out should have been refused first")
+
+    monkeypatch.setattr(tc, "build", never_built)
+    for command in (["finetune", "--out", str(toyworld.MODELS_DIR / "clip")],
+                    ["picture", "--runs", "r", "--out", str(toyworld.MODELS_DIR / "hw.png")]):
+        with pytest.raises(SystemExit) as exit_:
+            tc.main([*command, "--quick", "--world", str(tmp_path / "w")])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and "the shipped models" in error

@@ -114,3 +114,13 @@ def test_finished_runs_are_saved_as_they_finish(tmp_path, monkeypatch):
                  str(tmp_path), "--world", str(tmp_path / "w")])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["plan"] == [["control", 0]] and results["runs"][0]["seconds"] == 1.0
+
+
+def test_out_is_never_a_link_nor_the_shipped_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(te, "build", lambda *args, **kwargs: pytest.fail("built before refusing"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for flags in (["--out", str(tmp_path / "link")], ["--out", str(te.MODELS_DIR / "runs")]):
+        with pytest.raises(SystemExit) as exit_:
+            te.main([*flags, "--world", str(tmp_path / "w")])
+        assert exit_.value.code == 2 and "--out" in capsys.readouterr().err.splitlines()[-1]

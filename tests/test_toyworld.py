@@ -6,6 +6,7 @@ One `--quick` build per session (about a minute) serves most tests here.
 """
 
 import hashlib
+import importlib
 import json
 import re
 import shutil
@@ -185,6 +186,46 @@ def test_a_deleted_data_file_is_drawn_again(world, tmp_path, capsys):
     assert toyworld.build(copy, seed=0, quick=True)["test"] == copy / "data" / "test"
     assert "drawing the toy world's data" in capsys.readouterr().out
     assert digest(copy / "data") == digest(world["train"].parent)
+
+
+def never_built(*args, **kwargs):
+    raise AssertionError("built: the option should have been refused first")
+
+
+def test_the_script_never_writes_into_the_shipped_models_or_through_a_link(tmp_path, monkeypatch,
+                                                                           capsys):
+    """python -m weights.toyworld --out: the shipped models' folder, a folder inside it, or a
+    symbolic link is argparse's one line, before anything is built."""
+    script = importlib.import_module("weights.toyworld.__main__")
+    monkeypatch.setattr(script, "build", never_built)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for out, reason in ((toyworld.MODELS_DIR, "the shipped models"),
+                        (toyworld.MODELS_DIR / "clip" / "x", "the shipped models"),
+                        (tmp_path / "link", "symbolic link")):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--quick", "--out", str(out)])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and f"--out {out} " in error and reason in error
+
+
+def test_files_are_replaced_whole_and_links_not_written_through(tmp_path):
+    target = tmp_path / "target.json"
+    target.write_text("theirs")
+    (tmp_path / "build.json").symlink_to(target)
+    toyworld.recipe.write_json(tmp_path / "build.json", {"toy_world": True})
+    assert target.read_text() == "theirs" and not (tmp_path / "build.json").is_symlink()
+    assert json.loads((tmp_path / "build.json").read_text()) == {"toy_world": True}
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["build.json", "target.json"]
+
+
+def test_damaged_drawn_data_says_delete_and_rerun(world, tmp_path):
+    copy = tmp_path / "toy"
+    shutil.copytree(world["train"].parent.parent / "data", copy / "data")
+    (copy / "data" / "val" / "images" / "ex_0_img_1.png").unlink()
+    with pytest.raises(SystemExit, match=f"delete {copy} and rerun") as exit_:
+        toyworld.read_split(copy / "data" / "val")
+    assert "download" not in str(exit_.value) and "\n" not in str(exit_.value)
 
 
 def test_full_recipe_sizes():

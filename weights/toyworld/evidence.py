@@ -38,8 +38,8 @@ from eval_winoground import (bootstrap_interval, compare_runs, format_comparison
                              text_correct)
 
 from . import probes  # the probes and retention of the CLIP rows (--mechanism)
-from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build
-from .world import TAGS
+from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, unsafe_out
+from .world import TAGS, replace_atomically
 
 # the child processes run there: train.py, eval_winoground.py
 REPO = Path(__file__).resolve().parents[2]
@@ -203,7 +203,7 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
         pen.line([(x(mean), y), (x(mean), y + row_h - 6)], fill=(200, 30, 30), width=3)
         for v in values:
             pen.ellipse([x(v) - 3, y + 6, x(v) + 3, y + 12], fill=(30, 60, 200))
-    image.save(file)
+    replace_atomically(file, lambda tmp: image.save(tmp, format="PNG"))
     return [(name, [100 * float(np.mean(c)) for c in rows[name][1]]) for name in order]
 
 
@@ -309,6 +309,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", nargs="+", default=[],
                    help="results.json files of earlier runs, for --picture")
     args = p.parse_args(argv)
+    for flag, path in (("--out", args.out), ("--picture", args.picture)):
+        if path and (reason := unsafe_out(path)):
+            p.error(f"{flag} {path} {reason}")
     if args.jobs < 1:
         p.error(f"--jobs must be 1 or more; got {args.jobs}")
     if not 1 <= args.timesteps <= 1000:
@@ -435,7 +438,8 @@ def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
                              if tag in (None, r["collapsed_tag"])]
             files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}"
                                f"-seeds{'-'.join(map(str, seeds))}.json")
-            files[-1].write_text(json.dumps({"examples": examples}) + "\n")
+            replace_atomically(files[-1], lambda tmp: tmp.write_text(
+                json.dumps({"examples": examples}) + "\n"))
         what = (f"{split}, {'every example' if tag is None else tag + ' swaps'}, "
                 f"seeds {seeds} pooled")
         lines.append(f"{row} against control ({what}):\n" + format_comparison(compare_runs(*files)))

@@ -36,7 +36,8 @@ from vae import VAE, VAEConfig
 from weights.networks import save_clip, save_unet, save_vae
 
 from .world import IMAGE_SIZE, NEW_OBJECT_BLOCK, TEST_BLOCKS, VAL_BLOCKS, TrainSet, clip_pixels
-from .world import contact_sheet, vae_pixels, write_train, write_winoground
+from .world import contact_sheet, replace_atomically, vae_pixels, write_train
+from .world import write_winoground
 
 WEIGHTS = Path(__file__).resolve().parent.parent  # weights/
 TOY_DIR = WEIGHTS / "toy"  # the drawn data (and --quick builds), not in git
@@ -128,13 +129,12 @@ def is_drawn(root: Path, name: str, recipe: Recipe) -> bool:
     """root/<folder> holds every file of the split `name`: its captions, scenes.json, its images."""
     folder, _, blocks, size = SPLITS[name]
     split = root / folder
-    if blocks is None:
-        files, images, count = ("annotations/captions_train2017.json", "scenes.json"), "train2017", 1
-    else:
-        files, images, count = ("examples.jsonl", "scenes.json"), "images", 2  # two per example
-    return (all((split / f).is_file() for f in files) and (split / images).is_dir()
-            and sum(1 for f in (split / images).iterdir()
-                    if f.is_file()) == count * getattr(recipe, size))
+    captions = "annotations/captions_train2017.json" if blocks is None else "examples.jsonl"
+    images = "train2017" if blocks is None else "images"
+    count = getattr(recipe, size) * (1 if blocks is None else 2)  # an example holds two images
+    return ((split / captions).is_file() and (split / "scenes.json").is_file()
+            and (split / images).is_dir()
+            and sum(1 for f in (split / images).iterdir() if f.is_file()) == count)
 
 
 # ----------------------------------------------------------------------------- phase 2: learn the tokenizer
@@ -365,6 +365,22 @@ def sha256(file: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def write_json(file: Path, record: dict) -> None:
+    replace_atomically(file, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def unsafe_out(path) -> str | None:
+    """Why a script must not write at `path`, or None: it is the shipped models' folder or inside
+    it (their files are checked by sha256), or a symbolic link (the write would land elsewhere)."""
+    path, shipped = Path(path), MODELS_DIR.resolve()
+    if path.is_symlink():
+        return "is a symbolic link, and a write would land where it points: give the real path"
+    if path.resolve() == shipped or shipped in path.resolve().parents:
+        return (f"is inside {MODELS_DIR}, the shipped models, whose files are checked by sha256: "
+                f"choose another folder")
+    return None
+
+
 def is_toy_build(folder: Path) -> bool:
     """The folder holds a build.json that build() wrote."""
     try:
@@ -447,7 +463,7 @@ def draw_world(out: Path, recipe: Recipe, seed: int, quick: bool) -> None:
             and {k: v for k, v in json.loads((out / "build.json").read_text()).items()
                  if k in settings} == settings):
         fresh_folder(out)
-        (out / "build.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_json(out / "build.json", settings)
     missing = [name for name in SPLITS if not is_drawn(data, name, recipe)]
     if not missing and (out / "contact_sheet.png").is_file():
         return
@@ -456,8 +472,7 @@ def draw_world(out: Path, recipe: Recipe, seed: int, quick: bool) -> None:
     start = time.perf_counter()
     draw_data(data, recipe, seed, missing)
     contact_sheet(data / SPLITS["test"][0], out / "contact_sheet.png")
-    (out / "build.json").write_text(json.dumps(
-        {**settings, "seconds": round(time.perf_counter() - start, 1)}, indent=2) + "\n")
+    write_json(out / "build.json", {**settings, "seconds": round(time.perf_counter() - start, 1)})
 
 
 def train_into(models: Path, data: Path, recipe: Recipe, seed: int, trained: dict) -> None:
