@@ -104,18 +104,21 @@ def test_finetune_moves_the_layernorms_or_every_weight(world, tmp_path):
     assert record["trainable"] == sum(before[key].numel() for key in layernorms)
 
 
-def test_without_negatives_it_is_train_pys_control(world, tmp_path):
+@pytest.mark.parametrize("schedule", [[], ["--cosine", "--warmup_steps=1"]])
+def test_without_negatives_it_is_train_pys_control(world, tmp_path, schedule):
     """The same weights as `train.py` with λ = 0 after 3 steps: the same data, captions, schedule
-    and freezing; with the hard negatives, other weights."""
+    (the constant one, and the cosine decay with warm-up) and freezing; with the hard negatives,
+    other weights."""
     settings = {**toyworld.TRAIN_DEFAULTS, "sds_weight": 0.0}
     train.main(["--clip", str(world["clip"]), "--sd", str(world["sd"]), "--coco_root",
                 str(world["train"]), "--out", str(tmp_path / "control"), "--device", "cpu",
-                "--max_steps", "3", *tc.as_flags(settings)])
+                "--max_steps", "3", *tc.as_flags(settings), *schedule])
     control = load_clip(tmp_path / "control").state_dict()
     for hard_negatives in (False, True):
         folder = tc.finetune_hard_negatives(world["clip"], world["train"],
                                             tmp_path / str(hard_negatives), seed=0, max_steps=3,
-                                            flags=["--device=cpu"], hard_negatives=hard_negatives)
+                                            flags=["--device=cpu", *schedule],
+                                            hard_negatives=hard_negatives)
         assert (changed(control, folder) == set()) == (not hard_negatives)
 
 
@@ -131,6 +134,17 @@ def test_probe_finds_separable_classes_and_not_shuffled_ones():
     assert tp.probe(x, y, x_test, y_test) >= 99
     shuffled = y[torch.randperm(len(y), generator=generator)]
     assert abs(tp.probe(x, shuffled, x_test, y_test) - 100 / 3) < 10
+
+
+def test_probe_standardises_the_test_set_with_the_train_statistics():
+    """Classes split at x = 0 in train; a test set of class 1 alone, far to the right: standardised
+    with train's mean it stays right of the boundary (100 %); with its own it would be split in
+    half."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    x = (2 * labels - 1 + 0.3 * torch.randn(200, generator=generator))[:, None]  # ±1
+    x_test = 3 + 0.3 * torch.randn(100, 1, generator=generator)
+    assert tp.probe(x, labels, x_test, torch.ones(100, dtype=torch.long)) == 100.0
 
 
 def test_zero_shot_counts_the_top_two_prompts():
@@ -266,3 +280,32 @@ def test_finetune_takes_train_pys_trainable_set(world, tmp_path):
     assert {key for key in moved if key.startswith("text_model.")} <= layernorms
     assert "visual_projection.weight" in moved and "text_projection.weight" not in moved
     assert any(key.startswith("vision_model.encoder") and key not in layernorms for key in moved)
+
+
+@pytest.mark.parametrize("command", [["picture", "--runs", "r", "--out", "p.png", "--count", "0"],
+                                     ["picture", "--runs", "r", "--out", "p.png", "--count", "-2"],
+                                     ["probe", "--clip", "no/such/clip"],
+                                     ["retention", "--clip", "no/such/clip"],
+                                     ["finetune", "--out", "o", "--clip", "no/such/clip"],
+                                     ["finetune", "--out", "o", "--max_steps", "-1"]])
+def test_bad_options_are_one_argparse_line(tmp_path, capsys, command):
+    """Refused before the world is built: exit 2, one error line that names the flag."""
+    world = tmp_path / "w"
+    with pytest.raises(SystemExit) as exit_:
+        tc.main([*command, "--quick", "--world", str(world)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and ": error: " in error and command[-2] in error
+    assert not world.exists()
+
+
+def test_finetune_never_writes_into_the_shipped_models(tmp_path, monkeypatch, capsys):
+    def never_built(*args, **kwargs):
+        raise AssertionError("built: --out should have been refused first")
+
+    monkeypatch.setattr(tc, "build", never_built)
+    for command in (["finetune", "--out", str(toyworld.MODELS_DIR / "clip")],
+                    ["picture", "--runs", "r", "--out", str(toyworld.MODELS_DIR / "hw.png")]):
+        with pytest.raises(SystemExit) as exit_:
+            tc.main([*command, "--quick", "--world", str(tmp_path / "w")])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and "the shipped models" in error

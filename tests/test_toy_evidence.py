@@ -76,3 +76,51 @@ def test_picture_draws_each_configuration_and_its_control(tmp_path):
                     ("all: SDS full, lambda 1, h_w fitted (5 ep.)", [100.0]),
                     ("all: SDS full, lambda 1, h_w joint (5 ep.)", [100.0])]
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags", [["--jobs", "0"], ["--timesteps", "0"], ["--timesteps", "1001"],
+                                   ["--sds_weight", "nan"], ["--sds_weight", "-1"]])
+def test_bad_options_are_one_argparse_line(tmp_path, capsys, flags):
+    """Refused before anything is built or run: exit 2, one error line that names the flag."""
+    with pytest.raises(SystemExit) as exit_:
+        te.main([*flags, "--quick", "--world", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and ": error: " in error and flags[0] in error
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_failing_child_run_shows_its_own_error(tmp_path):
+    """A child's output is kept in a log per run, and its failure prints the end of its stderr."""
+    log = tmp_path / "logs" / "control-seed0-train"
+    with pytest.raises(SystemExit, match=r"(?s)failed \(exit 1\).*boom: no such split") as exit_:
+        te.run(["-c", "import sys; print('started'); sys.exit('boom: no such split')"], None, log)
+    assert str(log) in str(exit_.value)
+    assert (tmp_path / "logs" / "control-seed0-train.out").read_text() == "started\n"
+    assert te.run(["-c", "print('fine')"], None, log) > 0  # a run that succeeds returns its time
+
+
+def test_finished_runs_are_saved_as_they_finish(tmp_path, monkeypatch):
+    """results.json holds the control run once it is done, though the next run fails."""
+
+    def job(row, seed, *rest):
+        if row == "full":
+            raise SystemExit("weights.toyworld.evidence: the full run failed")
+        return {"rows": {"val": {}}, "mechanism": {}, "seconds": 1.0}
+
+    monkeypatch.setattr(te, "build", lambda *args, **kwargs: {})
+    monkeypatch.setattr(te, "job", job)
+    with pytest.raises(SystemExit, match="the full run failed"):
+        te.main(["--rows", "control", "full", "--seeds", "0", "--splits", "val", "--out",
+                 str(tmp_path), "--world", str(tmp_path / "w")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["plan"] == [["control", 0]] and results["runs"][0]["seconds"] == 1.0
+
+
+def test_out_is_never_a_link_nor_the_shipped_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(te, "build", lambda *args, **kwargs: pytest.fail("built before refusing"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for flags in (["--out", str(tmp_path / "link")], ["--out", str(te.MODELS_DIR / "runs")]):
+        with pytest.raises(SystemExit) as exit_:
+            te.main([*flags, "--world", str(tmp_path / "w")])
+        assert exit_.value.code == 2 and "--out" in capsys.readouterr().err.splitlines()[-1]

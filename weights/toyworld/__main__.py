@@ -35,10 +35,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .recipe import MODELS_DIR, TOY_DIR, build
+from .recipe import MODELS_DIR, TOY_DIR, build, unsafe_out, write_json
 from .teacher import check_teacher, samples_sheet
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m weights.toyworld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(TOY_DIR),
@@ -53,12 +53,17 @@ if __name__ == "__main__":
                         help="print the teacher's checks (after --rebuild: always)")
     parser.add_argument("--quick", action="store_true",
                         help="a small functional build in a minute (tests)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if reason := unsafe_out(args.out):
+        parser.error(f"--out {args.out} {reason}")
     paths = build(Path(args.out), args.seed, args.quick, args.rebuild, Path(args.models))
     if args.check or args.rebuild:
         checks = check_teacher(paths)
         if args.rebuild:  # the checks of the models as trained, beside their recipe
             record = Path(paths["clip"]).parent / "models.json"
-            record.write_text(json.dumps({**json.loads(record.read_text()), "checks": checks},
-                                         indent=2) + "\n")
+            write_json(record, {**json.loads(record.read_text()), "checks": checks})
             samples_sheet(paths, Path(paths["clip"]).parent / "samples.png")
+
+
+if __name__ == "__main__":
+    main()

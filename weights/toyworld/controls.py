@@ -46,7 +46,7 @@ from weights import coco, runs
 from weights.networks import hub_path, load_clip, load_stable_diffusion, load_tokenizer, save_clip
 
 from .probes import binding_probe, hw_picture, read_train, retention
-from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, sha256
+from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, sha256, unsafe_out, write_json
 from .world import COLOURS, SHAPES, vae_pixels
 
 # "a red circle", "the blue square": the world's noun phrases
@@ -419,7 +419,7 @@ def finetune_export(run: Finetune, losses: list[float], start: float) -> Path:
                           if ranking else None),
               "trainable": n_parameters(run.clip, True), "frozen": n_parameters(run.clip, False),
               "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
-    (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    write_json(out / RUN_FILE, record)
     return out
 
 
@@ -515,6 +515,22 @@ def add_finetune_parser(commands, world: argparse.ArgumentParser) -> None:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The settings that argparse cannot check alone, each a p.error that names the flag."""
+    clip = getattr(args, "clip", None)
+    if clip:
+        try:
+            found = hub_path(clip).is_dir()
+        except (FileNotFoundError, ValueError):
+            found = False
+        if not found:
+            p.error(f"--clip {clip}: no such CLIP folder (a folder with config.json and "
+                    f"model.safetensors, e.g. a train.py --out)")
+    out = getattr(args, "out", None)
+    if out and (reason := unsafe_out(out)):
+        p.error(f"--out {out} {reason}")
+    if args.command == "picture" and args.count < 1:
+        p.error(f"--count must be 1 or more; got {args.count}")
+    if args.command == "finetune" and args.max_steps < 0:
+        p.error(f"--max_steps must be 0 (all epochs) or more; got {args.max_steps}")
     if args.quick and Path(args.world) == TOY_DIR:
         p.error(f"--quick needs its own --world folder: {TOY_DIR} holds the full world")
     if args.command == "finetune" and not (math.isfinite(args.ranking_weight)

@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,8 @@ from eval_winoground import (bootstrap_interval, compare_runs, format_comparison
                              text_correct)
 
 from . import probes  # the probes and retention of the CLIP rows (--mechanism)
-from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build
-from .world import TAGS
+from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, unsafe_out
+from .world import TAGS, replace_atomically
 
 # the child processes run there: train.py, eval_winoground.py
 REPO = Path(__file__).resolve().parents[2]
@@ -48,11 +48,25 @@ ROWS = ("clip", "control", "full", "stopgrad", "negclip", "ceiling", "ranking", 
 SPLITS = ("val", "test", "new_objects")
 
 
-def run(command: list[str], threads: int | None) -> float:
+LOG_TAIL = 20  # lines of a failed child's stderr printed
+
+
+def run(command: list[str], threads: int | None, log: Path) -> float:
+    """A child process (python `command`), its stdout and stderr kept in log.out and log.err; when
+    it fails, the end of its stderr is the error. Returns its wall time."""
     start = time.perf_counter()
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
-    subprocess.run([sys.executable, *command], cwd=REPO, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out, err = log.with_name(log.name + ".out"), log.with_name(log.name + ".err")
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        code = subprocess.run([sys.executable, *command], cwd=REPO, stdout=stdout, stderr=stderr,
+                              env=env).returncode
+    if code:
+        # a progress bar redraws its line with \r: keep what each line last showed
+        lines = [line.split("\r")[-1] for line in err.read_text(errors="replace").splitlines()]
+        raise SystemExit(f"weights.toyworld.evidence: `python {' '.join(command)}` failed (exit "
+                         f"{code}); its output is in {out} and {err}, which ends:\n"
+                         + "\n".join(lines[-LOG_TAIL:]))
     return time.perf_counter() - start
 
 
@@ -79,7 +93,7 @@ def job(row: str, seed: int, args, paths: dict, out: Path, threads: int | None) 
         seconds += run(["train.py", "--clip", str(paths["clip"]), "--sd", str(paths["sd"]),
                         "--coco_root", str(paths["train"]), "--out", str(folder), "--device", "cpu",
                         *(f"--{k}={v}" for k, v in settings.items()), *args.train_flags.split()],
-                        threads)
+                        threads, out / "logs" / f"{row}-seed{seed}-train")
         model = ["--clip", str(folder)]
     # hard negatives, or the teacher's ranking; λ = 0
     elif row in ("negclip", "ceiling", "ranking"):
@@ -90,7 +104,8 @@ def job(row: str, seed: int, args, paths: dict, out: Path, threads: int | None) 
                         *(["--all_weights"] if row == "ceiling" else []),
                         *(["--quick"] if args.quick else []),
                         *(["--ranking"] if row == "ranking" else []),
-                        "--train_flags", f"--device=cpu {args.train_flags}"], threads)
+                        "--train_flags", f"--device=cpu {args.train_flags}"], threads,
+                       out / "logs" / f"{row}-seed{seed}-finetune")
         model = ["--clip", str(folder)]
     elif row == "diffusion":
         model = ["--sd", str(paths["sd"]), "--seed", str(seed), "--timesteps", str(args.timesteps),
@@ -99,7 +114,7 @@ def job(row: str, seed: int, args, paths: dict, out: Path, threads: int | None) 
     for split in args.splits:
         result = out / f"{split}-{row}-seed{seed}.json"
         seconds += run(["eval_winoground.py", *model, "--data", str(paths[split]), "--out",
-                        str(result)], threads)
+                        str(result)], threads, out / "logs" / f"{split}-{row}-seed{seed}-eval")
         records = json.loads(result.read_text())["examples"]
         rows[split] = {row: scores(records)}
         if row == "diffusion":
@@ -188,7 +203,7 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
         pen.line([(x(mean), y), (x(mean), y + row_h - 6)], fill=(200, 30, 30), width=3)
         for v in values:
             pen.ellipse([x(v) - 3, y + 6, x(v) + 3, y + 12], fill=(30, 60, 200))
-    image.save(file)
+    replace_atomically(file, lambda tmp: image.save(tmp, format="PNG"))
     return [(name, [100 * float(np.mean(c)) for c in rows[name][1]]) for name in order]
 
 
@@ -215,8 +230,8 @@ def picture_rows(results_files: list[Path], split: str, tag: str) -> dict:
     return rows
 
 
-def main() -> None:
-    args = get_args()
+def main(argv=None) -> None:
+    args = get_args(argv)
     if args.picture:
         split = args.splits[0] if args.splits != ["test", "new_objects"] else "val"
         for name, values in picture([Path(f) for f in args.results], Path(args.picture), split):
@@ -232,15 +247,36 @@ def main() -> None:
     if args.tables_only:
         plan, done = earlier_runs(out, settings, plan)
     else:
-        threads = 1 if args.jobs > 1 else None
-        with ThreadPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(lambda rs: job(*rs, args, paths, out, threads), plan))
-        plan, done = save_results(out, settings, plan, done)
+        plan, done = save_results(out, settings, plan, run_plan(plan, args, paths, out, settings))
     print_tables(args, out, plan, done)
 
 
-def get_args() -> argparse.Namespace:
-    """The command line (sys.argv): what to run, where, and the settings of its runs."""
+def run_plan(plan: list, args: argparse.Namespace, paths: dict, out: Path,
+             settings: dict) -> list[dict]:
+    """The runs of `plan`, --jobs at a time, each saved in results.json as it finishes; when one
+    fails, those not started are cancelled, those running finish and are saved, then it raises."""
+    threads, finished, failure = (1 if args.jobs > 1 else None), {}, None
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = {pool.submit(job, *rs, args, paths, out, threads): rs for rs in plan}
+        for future in as_completed(runs):
+            if future.cancelled():
+                continue
+            try:
+                finished[runs[future]] = future.result()
+            except BaseException as err:  # SystemExit too: a child run's own error
+                failure = failure or err
+                for other in runs:
+                    other.cancel()
+                continue
+            save_results(out, settings, [runs[future]], [finished[runs[future]]])
+    if failure:
+        raise failure
+    return [finished[rs] for rs in plan]
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    """The command line (argv, or sys.argv): what to run, where, and the settings of its runs; a
+    value out of range is argparse's one-line error."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=["test", "new_objects"],
@@ -272,7 +308,17 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--picture", help="draw this PNG from --results (no run)")
     p.add_argument("--results", nargs="+", default=[],
                    help="results.json files of earlier runs, for --picture")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    for flag, path in (("--out", args.out), ("--picture", args.picture)):
+        if path and (reason := unsafe_out(path)):
+            p.error(f"{flag} {path} {reason}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be 1 or more; got {args.jobs}")
+    if not 1 <= args.timesteps <= 1000:
+        p.error(f"--timesteps must be between 1 and 1000 (SD's schedule); got {args.timesteps}")
+    if not (math.isfinite(args.sds_weight) and args.sds_weight >= 0):
+        p.error(f"--sds_weight must be a finite number, 0 or more; got {args.sds_weight}")
+    return args
 
 
 def print_tables(args: argparse.Namespace, out: Path, plan: list, done: list) -> None:
@@ -392,7 +438,8 @@ def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
                              if tag in (None, r["collapsed_tag"])]
             files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}"
                                f"-seeds{'-'.join(map(str, seeds))}.json")
-            files[-1].write_text(json.dumps({"examples": examples}) + "\n")
+            replace_atomically(files[-1], lambda tmp: tmp.write_text(
+                json.dumps({"examples": examples}) + "\n"))
         what = (f"{split}, {'every example' if tag is None else tag + ' swaps'}, "
                 f"seeds {seeds} pooled")
         lines.append(f"{row} against control ({what}):\n" + format_comparison(compare_runs(*files)))

@@ -36,7 +36,8 @@ from vae import VAE, VAEConfig
 from weights.networks import save_clip, save_unet, save_vae
 
 from .world import IMAGE_SIZE, NEW_OBJECT_BLOCK, TEST_BLOCKS, VAL_BLOCKS, TrainSet, clip_pixels
-from .world import contact_sheet, vae_pixels, write_train, write_winoground
+from .world import contact_sheet, replace_atomically, vae_pixels, write_train
+from .world import write_winoground
 
 WEIGHTS = Path(__file__).resolve().parent.parent  # weights/
 TOY_DIR = WEIGHTS / "toy"  # the drawn data (and --quick builds), not in git
@@ -99,15 +100,41 @@ TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "sds_weight": 1.0, 
 # ----------------------------------------------------------------------------- phase 1: draw the data
 
 
-def draw_data(root: Path, recipe: Recipe, seed: int) -> None:
-    # One generator per split: the splits do not depend on each other's sizes.
-    write_train(root / "train", recipe.train_images, np.random.default_rng([seed, 0]))
-    write_winoground(root / "val", recipe.val_examples, VAL_BLOCKS,
-                     np.random.default_rng([seed, 1]))
-    write_winoground(root / "test", recipe.test_examples, TEST_BLOCKS,
-                     np.random.default_rng([seed, 2]))
-    write_winoground(root / "test-new-objects", recipe.new_objects_examples, (NEW_OBJECT_BLOCK,),
-                     np.random.default_rng([seed, 3]))
+# name → (its folder in data/, its generator's stream, its blocks (None: the train split), its size)
+SPLITS = {"train": ("train", 0, None, "train_images"),
+          "val": ("val", 1, VAL_BLOCKS, "val_examples"),
+          "test": ("test", 2, TEST_BLOCKS, "test_examples"),
+          "new_objects": ("test-new-objects", 3, (NEW_OBJECT_BLOCK,), "new_objects_examples")}
+
+
+def draw_data(root: Path, recipe: Recipe, seed: int, splits=tuple(SPLITS)) -> None:
+    """Each split into root/<folder>, with its own generator: the splits do not depend on each
+    other's sizes. A split is drawn into root/.partial/ and moved into place once whole, so that a
+    split's folder is never a draw that was stopped halfway."""
+    for name in splits:
+        folder, stream, blocks, size = SPLITS[name]
+        partial = root / ".partial" / folder
+        shutil.rmtree(partial, ignore_errors=True)
+        rng = np.random.default_rng([seed, stream])
+        if blocks is None:
+            write_train(partial, getattr(recipe, size), rng)
+        else:
+            write_winoground(partial, getattr(recipe, size), blocks, rng)
+        shutil.rmtree(root / folder, ignore_errors=True)
+        partial.rename(root / folder)
+    shutil.rmtree(root / ".partial", ignore_errors=True)
+
+
+def is_drawn(root: Path, name: str, recipe: Recipe) -> bool:
+    """root/<folder> holds every file of the split `name`: its captions, scenes.json, its images."""
+    folder, _, blocks, size = SPLITS[name]
+    split = root / folder
+    captions = "annotations/captions_train2017.json" if blocks is None else "examples.jsonl"
+    images = "train2017" if blocks is None else "images"
+    count = getattr(recipe, size) * (1 if blocks is None else 2)  # an example holds two images
+    return ((split / captions).is_file() and (split / "scenes.json").is_file()
+            and (split / images).is_dir()
+            and sum(1 for f in (split / images).iterdir() if f.is_file()) == count)
 
 
 # ----------------------------------------------------------------------------- phase 2: learn the tokenizer
@@ -333,7 +360,25 @@ def write_sd(folder: Path, text_encoder: CLIP, vae: VAE, unet: UNet) -> None:
 
 
 def sha256(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
+    """The file's sha256, read a chunk at a time (a listed file may be large)."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json(file: Path, record: dict) -> None:
+    replace_atomically(file, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def unsafe_out(path) -> str | None:
+    """Why a script must not write at `path`, or None: it is the shipped models' folder or inside
+    it (their files are checked by sha256), or a symbolic link (the write would land elsewhere)."""
+    path, shipped = Path(path), MODELS_DIR.resolve()
+    if path.is_symlink():
+        return "is a symbolic link, and a write would land where it points: give the real path"
+    if path.resolve() == shipped or shipped in path.resolve().parents:
+        return (f"is inside {MODELS_DIR}, the shipped models, whose files are checked by sha256: "
+                f"choose another folder")
+    return None
 
 
 def is_toy_build(folder: Path) -> bool:
@@ -365,8 +410,6 @@ def train_models(data: Path, models: Path, recipe: Recipe, seed: int) -> dict:
         times[name] = round(time.perf_counter() - start, 1)
         return result
 
-    for sub in ("clip", "sd"):
-        shutil.rmtree(models / sub, ignore_errors=True)
     train = TrainSet.read(data / "train")
     tokenizer = phase("2. learn the tokenizer", write_tokenizer,
                       [models / "clip", models / "sd" / "tokenizer"],
@@ -390,25 +433,73 @@ def model_files(models: Path) -> dict[str, str]:
 
 def check_shipped(models: Path) -> None:
     """The shipped models are whole: every file that models.json lists, with its sha256."""
+    record = models / "models.json"
+    restore = ("restore it with `git checkout weights/toy-models`, or train the models again with "
+               "`python -m weights.toyworld --rebuild`")
     try:
-        listed = json.loads((models / "models.json").read_text())["sha256"]
+        listed = json.loads(record.read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"{models / 'models.json'} cannot be read ({err}): restore "
-                         f"weights/toy-models with `git checkout weights/toy-models`, or train "
-                         f"them with `python -m weights.toyworld --rebuild`")
+        raise SystemExit(f"{record} cannot be read ({err!r}): {restore}")
+    if not (isinstance(listed, dict) and all(isinstance(name, str) and isinstance(digest, str)
+                                             for name, digest in listed.items())):
+        raise SystemExit(f"{record}: \"sha256\" must map file names to hex digests, got "
+                         f"{json.dumps(listed)[:80]}: {restore}")
     for name, digest in listed.items():
-        if not (models / name).is_file() or sha256(models / name) != digest:
-            raise SystemExit(f"{models / name} is missing or differs from the sha256 in "
-                             f"{models / 'models.json'}: restore it with `git checkout "
-                             f"weights/toy-models`, or train the models again with "
-                             f"`python -m weights.toyworld --rebuild`")
+        file = models / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise SystemExit(f"{record} lists {name!r}, a file outside {models}: a models.json "
+                             f"lists only files inside its own folder; {restore}")
+        if not file.is_file() or sha256(file) != digest:
+            raise SystemExit(f"{file} is missing or differs from the sha256 in {record}: {restore}")
+
+
+def draw_world(out: Path, recipe: Recipe, seed: int, quick: bool) -> None:
+    """The world's data in `out`/data, drawn with these settings or reused: build.json, written
+    first, marks the folder as a build; each split is redrawn when any of its files is missing."""
+    data = out / "data"
+    settings = {"toy_world": True, "version": VERSION, "seed": seed, "quick": quick,
+                "data": {k: getattr(recipe, k) for k in DATA_SIZES}}
+    if not (is_toy_build(out)
+            and {k: v for k, v in json.loads((out / "build.json").read_text()).items()
+                 if k in settings} == settings):
+        fresh_folder(out)
+        write_json(out / "build.json", settings)
+    missing = [name for name in SPLITS if not is_drawn(data, name, recipe)]
+    if not missing and (out / "contact_sheet.png").is_file():
+        return
+    print(f"drawing the toy world's data in {data} ({', '.join(missing) or 'contact sheet'}; "
+          f"seed {seed}{', quick' if quick else ''}; cached afterwards)")
+    start = time.perf_counter()
+    draw_data(data, recipe, seed, missing)
+    contact_sheet(data / SPLITS["test"][0], out / "contact_sheet.png")
+    write_json(out / "build.json", {**settings, "seconds": round(time.perf_counter() - start, 1)})
+
+
+def train_into(models: Path, data: Path, recipe: Recipe, seed: int, trained: dict) -> None:
+    """The models trained into a folder beside `models` and swapped in once whole, models.json last:
+    a kill leaves `models` as it was (between the two renames, whole in .<name>.old beside it)."""
+    partial, old = (models.parent / f".{models.name}.{end}" for end in ("partial", "old"))
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    print(f"training the toy models into {models} (seed {seed}; in {partial} until done)")
+    times = train_models(data, partial, recipe, seed)
+    (partial / "models.json").write_text(json.dumps(
+        {"settings": trained, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+         "seconds": times, "sha256": model_files(partial)}, indent=2) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if models.exists():
+        models.rename(old)
+    partial.rename(models)
+    shutil.rmtree(old, ignore_errors=True)
+    print("trained: " + ", ".join(f"{name} {s:.0f} s" for name, s in times.items()))
 
 
 def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, rebuild: bool = False,
           models: Path = MODELS_DIR) -> dict[str, Path]:
     """The world's data, drawn into `out`/data (or reused when drawn with the same settings), and
-    its models: the shipped ones in `models`, checked by sha256; with `rebuild`, trained from
-    scratch into `models`; with `quick`, small ones trained into `out`/models. Returns the paths."""
+    its models: the shipped ones in `models`, checked by sha256 before anything is drawn; with
+    `rebuild`, trained from scratch and swapped into `models`; with `quick`, small ones trained
+    into `out`/models. Returns the paths."""
     out = Path(out)
     recipe = QUICK if quick else Recipe()
     models = out / "models" if quick else Path(models)
@@ -420,36 +511,15 @@ def build(out: Path = TOY_DIR, seed: int = 0, quick: bool = False, rebuild: bool
             and not (models / "models.json").is_file()):
         raise SystemExit(f"{models} holds files but no models.json: it is not a toy-models folder, "
                          f"and nothing was removed; choose a new or empty folder with --models")
+    if not (quick or rebuild):
+        check_shipped(models)
+    draw_world(out, recipe, seed, quick)
     data = out / "data"
-    paths = {"train": data / "train", "val": data / "val", "test": data / "test",
-             "new_objects": data / "test-new-objects", "clip": models / "clip", "sd": models / "sd"}
-    settings = {"toy_world": True, "version": VERSION, "seed": seed, "quick": quick,
-                "data": {k: getattr(recipe, k) for k in DATA_SIZES}}
-    if not (is_toy_build(out)
-            and {k: v for k, v in json.loads((out / "build.json").read_text()).items()
-                                   if k in settings} == settings):
-        fresh_folder(out)
-        print(f"drawing the toy world's data in {data} (seed {seed}{', quick' if quick else ''}; "
-              f"cached afterwards)")
-        start = time.perf_counter()
-        draw_data(data, recipe, seed)
-        contact_sheet(paths["test"], out / "contact_sheet.png")
-        (out / "build.json").write_text(json.dumps({**settings,
-                                                    "seconds": round(time.perf_counter() - start,
-                                                                     1)},
-                                                   indent=2) + "\n")
     record = models / "models.json"
     trained = {"version": VERSION, "seed": seed, "recipe": vars(recipe)}
     if rebuild or (quick
                    and not (record.is_file()
                             and json.loads(record.read_text()).get("settings") == trained)):
-        models.mkdir(parents=True, exist_ok=True)
-        print(f"training the toy models into {models} (seed {seed}{', quick' if quick else ''})")
-        times = train_models(data, models, recipe, seed)
-        record.write_text(json.dumps({"settings": trained, "torch": torch.__version__,
-                                      "torch_threads": torch.get_num_threads(), "seconds": times,
-                                      "sha256": model_files(models)}, indent=2) + "\n")
-        print("trained: " + ", ".join(f"{name} {s:.0f} s" for name, s in times.items()))
-    elif not quick:
-        check_shipped(models)
-    return paths
+        train_into(models, data, recipe, seed, trained)
+    return {**{name: data / SPLITS[name][0] for name in SPLITS}, "clip": models / "clip",
+            "sd": models / "sd"}

@@ -16,6 +16,7 @@ each with scenes.json, the ground truth of every image; reads them back as pixel
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,15 @@ def write_winoground(root: Path, n: int, blocks, rng: np.random.Generator) -> No
     (root / "scenes.json").write_text(json.dumps(scenes))
 
 
+def replace_atomically(file: Path, write) -> None:
+    """write(tmp) beside `file`, then one rename onto it: a reader sees the old file or the new one,
+    never half of one, and a symbolic link at `file` is replaced, not written through."""
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.tmp")
+    write(tmp)
+    os.replace(tmp, file)
+
+
 # ----------------------------------------------------------------------------- read a split; pixels
 
 
@@ -255,10 +265,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def read_split(root: Path) -> tuple[list[dict], dict, list[Image.Image]]:
     """A Winoground-layout split: its examples, scenes.json, and the images in the examples' order
     (0, 1, 0, 1, …)."""
-    examples = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
-    names = [e[f"image_{k}"] for e in examples for k in range(2)]
-    images = [Image.open(root / "images" / f"{name}.png").convert("RGB") for name in names]
-    return examples, json.loads((root / "scenes.json").read_text()), images
+    try:
+        examples = [json.loads(line)
+                    for line in (root / "examples.jsonl").read_text().splitlines()]
+        names = [e[f"image_{k}"] for e in examples for k in range(2)]
+        images = [Image.open(root / "images" / f"{name}.png").convert("RGB") for name in names]
+        return examples, json.loads((root / "scenes.json").read_text()), images
+    except (OSError, ValueError, KeyError) as err:  # drawn, not downloaded: drawn again
+        raise SystemExit(f"{root}: the toy world's drawn data cannot be read ({err}): delete "
+                         f"{root.parent.parent} and rerun") from None
 
 
 # ----------------------------------------------------------------------------- figures
@@ -283,7 +298,8 @@ def sheet(columns: list[list[tuple[Image.Image, str]]], file: Path) -> None:
             pen.multiline_text((x, y + side + 6), "\n".join(lines + [line]), fill="black",
                                spacing=2)
             y += side + text_h
-    canvas.save(file)
+    image_format = Image.registered_extensions().get(Path(file).suffix.lower(), "PNG")
+    replace_atomically(file, lambda tmp: canvas.save(tmp, format=image_format))
 
 
 def contact_sheet(root: Path, file: Path, count: int = 12) -> None:
