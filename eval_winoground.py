@@ -25,6 +25,15 @@ the local Hugging Face cache.
     python eval_winoground.py --sd weights/stable-diffusion-v1-4 --timesteps 20 --out out/sd.json
     python eval_winoground.py --toy --sd          # the toy world's SD on its test split (weights/toyworld/)
 
+The same scorers on two-caption benchmarks, where an item is right when its image scores the true
+caption above the false one (ties fail; the diffusion score shares one noise per timestep between the
+two captions): SugarCrepe (Hsieh et al. 2023, https://arxiv.org/abs/2306.14610; accuracy per file and
+per category, the mean of its files) and ARO's VG-Relation and VG-Attribution (Yuksekgonul et al. 2023,
+https://arxiv.org/abs/2210.01936; accuracy per relation or attribute pair, and their mean):
+
+    python eval_winoground.py --sugarcrepe weights/sugarcrepe --images weights/coco/val2017 --clip
+    python eval_winoground.py --aro weights/aro --sd weights/stable-diffusion-v1-4
+
 Every score comes with its 95 % bootstrap interval over examples (Winoground's 400 examples leave a
 group score of 8 uncertain by about ±2.6 points). Two runs on the same examples are compared per
 example: the difference with a paired bootstrap interval, and McNemar's exact test on the examples
