@@ -21,8 +21,12 @@ IMAGE_EXTENSION = ".png"
 # an images.zip member may inflate to this: 9 × the pixels of a 1920 × 1280 RGB image
 MAX_IMAGE_FILE_BYTES = 1 << 26
 METRICS = ("text", "image", "group")  # the credits of an example
-# what a results record says of its example besides its id and scores
-TAGS = ("tag", "secondary_tag", "num_main_preds", "collapsed_tag")
+# the one credit of a two-caption item (SugarCrepe, ARO): its caption scores above its negative
+CHOICE = ("correct",)
+BENCHMARKS = ("winoground", "sugarcrepe", "aro")  # a results file's settings.benchmark
+# what a results record says of its example besides its id and scores (Winoground's tags; where a
+# SugarCrepe or ARO item comes from)
+TAGS = ("tag", "secondary_tag", "num_main_preds", "collapsed_tag", "file", "key", "subset")
 
 
 @dataclass
@@ -245,12 +249,15 @@ class ImagePairs(torch.utils.data.Dataset):
 @dataclass
 class Run:
     """A run saved with --out, as --compare reads it: the data it scored (settings.data, None in a
-    file without settings such as the toy world's pooled runs) and, by example id, the text, image
-    and group credits and the tags the record holds."""
+    file without settings such as the toy world's pooled runs), its benchmark (settings.benchmark;
+    "winoground" in files older than the setting) and, by example id, its credits (`metrics`:
+    text, image and group, or SugarCrepe's and ARO's one) and the tags the record holds."""
     path: Path
     data: str | None
     credits: dict[int, list[bool]]
     tags: dict[int, dict]
+    benchmark: str = "winoground"
+    metrics: tuple = METRICS
 
 
 def read_run(path: str | Path) -> Run:
@@ -263,10 +270,14 @@ def read_run(path: str | Path) -> Run:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
         examples, data = results["examples"], results.get("settings", {}).get("data")
+        benchmark = results.get("settings", {}).get("benchmark", "winoground")
         if not isinstance(data, str | None):
             raise TypeError(f"settings.data is {data!r}, not a path")
+        if benchmark not in BENCHMARKS:
+            raise TypeError(f"settings.benchmark is {benchmark!r}, not one of {BENCHMARKS}")
+        metrics = METRICS if benchmark == "winoground" else CHOICE
         ids = [e["id"] for e in examples]
-        credits = {e["id"]: [e[key] for key in METRICS] for e in examples}
+        credits = {e["id"]: [e[key] for key in metrics] for e in examples}
         tags = {e["id"]: {key: e[key] for key in TAGS if key in e} for e in examples}
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # not this script's file
         raise ValueError(f"{path} is not a results file of eval_winoground.py --out "
@@ -283,13 +294,13 @@ def read_run(path: str | Path) -> Run:
                          f"are not true/false: write it again with eval_winoground.py --out")
     # the group credit is defined as both: a file that says otherwise was edited, and its McNemar
     # counts would disagree with its own text and image columns
-    wrong = [i for i, (text, image, group) in credits.items() if group != (text and image)]
+    wrong = [i for i, c in credits.items() if metrics == METRICS and c[2] != (c[0] and c[1])]
     if wrong:
         text, image, group = credits[wrong[0]]
         raise ValueError(f"{path}: example {wrong[0]} has group credit {group} with text {text} "
                          f"and image {image} ({len(wrong)} such examples), but group is text and "
                          f"image; score the run again with eval_winoground.py --out")
-    return Run(path, data, credits, tags)
+    return Run(path, data, credits, tags, benchmark, metrics)
 
 
 def dataset_folder(data: str) -> Path:
@@ -306,6 +317,9 @@ def read_pair(path_a: str | Path, path_b: str | Path) -> tuple[Run, Run]:
     the path tells the toy world's test split from its val split (both number their examples
     0 … N−1), the tags tell a copy drawn or edited again behind the same path."""
     a, b = read_run(path_a), read_run(path_b)
+    if a.benchmark != b.benchmark:  # their ids would coincide: both count from 0
+        raise ValueError(f"{path_a} is a {a.benchmark} run and {path_b} a {b.benchmark} run: "
+                         f"compare two runs of the same benchmark")
     if a.credits.keys() != b.credits.keys():
         only_a = sorted(a.credits.keys() - b.credits.keys())
         only_b = sorted(b.credits.keys() - a.credits.keys())
