@@ -228,6 +228,20 @@ def test_damaged_drawn_data_says_delete_and_rerun(world, tmp_path):
     assert "download" not in str(exit_.value) and "\n" not in str(exit_.value)
 
 
+def test_damaged_drawn_data_read_by_the_project_readers_says_delete_and_rerun(world, tmp_path):
+    """weights/winoground.py and weights/coco.py read the toy world's data too (eval_winoground.py
+    --toy, train.py --toy): their remedy for a damaged file is the toy world's, not a download."""
+    copy = tmp_path / "toy"
+    shutil.copytree(world["train"].parent.parent, copy)
+    (copy / "data" / "test" / "examples.jsonl").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ValueError, match=rf"not UTF-8 text .*; delete {copy} and rerun") as error:
+        Winoground(copy / "data" / "test")
+    (copy / "data" / "train" / "annotations" / "captions_train2017.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"not a COCO captions file .* — delete {copy} and rerun"):
+        CocoCaptions(copy / "data" / "train", lambda image: image)
+    assert "download" not in str(error.value)
+
+
 def test_full_recipe_sizes():
     recipe = toyworld.Recipe()
     assert recipe.test_examples >= 400 and recipe.val_examples > 0 and recipe.new_objects_examples > 0

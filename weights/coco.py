@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from weights.images import open_image
-from weights.winoground import leaves_folder
+from weights.winoground import fetch_again, leaves_folder
 
 
 CAPTIONS_FILE = "annotations/captions_train2017.json"
@@ -32,14 +32,15 @@ class CocoCaptions(Dataset):
         self.file = file = root / CAPTIONS_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found — pass --coco_root the folder that holds "
-                                    f"annotations/ and {IMAGES_DIR}/, or run `python "
-                                    f"weights/download.py --coco {root}`")
+                                    f"annotations/ and {IMAGES_DIR}/, or " + fetch_again(
+                                        root, f"run `python weights/download.py --coco {root}`"))
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
             images, captions, self.skipped = self._index(data)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{file} is not a COCO captions file ({type(err).__name__}: {err}) — "
-                             f"run `python weights/download.py --coco {root}` again") from None
+                             + fetch_again(root, f"run `python weights/download.py --coco {root}` "
+                                                 f"again")) from None
         images = images[:limit_images] if limit_images else images
         if not images:
             raise ValueError(f"{file} lists no captioned images")

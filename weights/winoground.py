@@ -49,6 +49,19 @@ def leaves_folder(name: str) -> bool:
     return bool(PurePosixPath(name).is_absolute() or parts.anchor or ".." in parts.parts)
 
 
+def fetch_again(path: str | Path, hint: str) -> str:
+    """What to do about a damaged or missing file under `path`: `hint` (download it again), or, for
+    the toy world's drawn data (a folder above holds the build.json its build wrote), delete that
+    folder and rerun, which draws it again; a download cannot fetch it."""
+    for folder in Path(path).absolute().parents:
+        try:
+            if json.loads((folder / "build.json").read_text()).get("toy_world") is True:
+                return f"delete {folder} and rerun (the toy world draws its data again)"
+        except (OSError, ValueError, AttributeError):  # no build.json, or not the toy world's
+            continue
+    return hint
+
+
 def _check_fields(record: dict, where: str) -> None:
     """The nine Winoground fields with the right types, or a ValueError naming `where`."""
     missing = [name for name in FIELDS if name not in record]
@@ -87,6 +100,7 @@ class Winoground:
                                     f"then run `python weights/download.py --winoground {path} "
                                     f"--token hf_...`, or pass {option}")
         self.root, self.zip, self.image_bytes = None, None, {}
+        self.redo = fetch_again(path, "download the dataset again")  # what a damaged file needs
         if path.name == "examples.jsonl":
             path = path.parent
         folder = next((f for f in (path, path / "data") if (f / "examples.jsonl").is_file()), None)
@@ -106,13 +120,12 @@ class Winoground:
             raise ValueError(f"{path}: example ids repeat ({len(ids) - len(set(ids))} duplicates); "
                              f"the copy looks corrupt")
 
-    @staticmethod
-    def _read_jsonl(file: Path) -> list[Example]:
+    def _read_jsonl(self, file: Path) -> list[Example]:
         try:
             text = file.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{file} is not UTF-8 text (byte {err.start} cannot be decoded: "
-                             f"{err.reason}); download the dataset again") from None
+                             f"{err.reason}); {self.redo}") from None
         examples = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -144,7 +157,7 @@ class Winoground:
                     infos = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
             except zipfile.BadZipFile:
                 raise ValueError(f"{self.zip} is not a readable zip file; "
-                                 f"download it again") from None
+                                 f"{self.redo}") from None
             self.members = {name: info.filename for name, info in infos.items()}
             missing = [n for n in names if self._file_name(n) not in self.members]
             huge = [infos[f] for f in map(self._file_name, names)
@@ -152,7 +165,7 @@ class Winoground:
             if huge:
                 raise ValueError(f"{self.zip}: {huge[0].filename} inflates to "
                                  f"{huge[0].file_size:,} bytes, more than any image file (the "
-                                 f"limit is {MAX_IMAGE_FILE_BYTES:,}); download the dataset again")
+                                 f"limit is {MAX_IMAGE_FILE_BYTES:,}); {self.redo}")
             where = folder / "images.zip"
         else:
             raise FileNotFoundError(f"{folder} has examples.jsonl but neither images/ nor "
@@ -214,17 +227,17 @@ class Winoground:
                     data = file.read(MAX_IMAGE_FILE_BYTES + 1)
             except zipfile.BadZipFile as err:  # a bad CRC, say
                 raise ValueError(f"{where} cannot be read ({err}); "
-                                 f"download the dataset again") from None
+                                 f"{self.redo}") from None
             if len(data) > MAX_IMAGE_FILE_BYTES:
                 raise ValueError(f"{where} inflates to more than {MAX_IMAGE_FILE_BYTES:,} bytes, "
-                                 f"more than any image file; download the dataset again")
+                                 f"more than any image file; {self.redo}")
             source = io.BytesIO(data)
         else:
             source = where = self.root / self._file_name(name)
         try:
             return open_image(source, where, size)
         except ValueError as err:  # unreadable, or too large to decode safely
-            raise ValueError(f"{err}; download the dataset again") from None
+            raise ValueError(f"{err}; {self.redo}") from None
 
     def images(self, example: Example, size: int | None = None) -> tuple[Image.Image, Image.Image]:
         return self.image(example.image_0, size), self.image(example.image_1, size)
