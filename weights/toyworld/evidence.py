@@ -36,10 +36,11 @@ import numpy as np
 
 from eval_winoground import (bootstrap_interval, compare_runs, format_comparison, image_correct,
                              text_correct)
+from weights.networks import write_atomically
 
 from . import probes  # the probes and retention of the CLIP rows (--mechanism)
 from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, unsafe_out
-from .world import TAGS, replace_atomically
+from .world import TAGS, image_bytes
 
 # the child processes run there: train.py, eval_winoground.py
 REPO = Path(__file__).resolve().parents[2]
@@ -203,7 +204,7 @@ def picture(results_files: list[Path], file: Path, split: str = "val",
         pen.line([(x(mean), y), (x(mean), y + row_h - 6)], fill=(200, 30, 30), width=3)
         for v in values:
             pen.ellipse([x(v) - 3, y + 6, x(v) + 3, y + 12], fill=(30, 60, 200))
-    replace_atomically(file, lambda tmp: image.save(tmp, format="PNG"))
+    write_atomically(file, image_bytes(image))
     return [(name, [100 * float(np.mean(c)) for c in rows[name][1]]) for name in order]
 
 
@@ -438,8 +439,7 @@ def pooled_comparison(out: Path, split: str, row: str, seeds: list[int]) -> str:
                              if tag in (None, r["collapsed_tag"])]
             files.append(out / f"pooled-{split}-{name}{'-' + tag if tag else ''}"
                                f"-seeds{'-'.join(map(str, seeds))}.json")
-            replace_atomically(files[-1], lambda tmp: tmp.write_text(
-                json.dumps({"examples": examples}) + "\n"))
+            write_atomically(files[-1], (json.dumps({"examples": examples}) + "\n").encode())
         what = (f"{split}, {'every example' if tag is None else tag + ' swaps'}, "
                 f"seeds {seeds} pooled")
         lines.append(f"{row} against control ({what}):\n" + format_comparison(compare_runs(*files)))

@@ -33,10 +33,10 @@ from sds import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, NoiseSchedule, contra
 from sds import encode_prompt
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
-from weights.networks import save_clip, save_unet, save_vae
+from weights.networks import save_clip, save_unet, save_vae, write_atomically
 
 from .world import IMAGE_SIZE, NEW_OBJECT_BLOCK, TEST_BLOCKS, VAL_BLOCKS, TrainSet, clip_pixels
-from .world import contact_sheet, replace_atomically, vae_pixels, write_train
+from .world import contact_sheet, vae_pixels, write_train
 from .world import write_winoground
 
 WEIGHTS = Path(__file__).resolve().parent.parent  # weights/
@@ -366,7 +366,7 @@ def sha256(file: Path) -> str:
 
 
 def write_json(file: Path, record: dict) -> None:
-    replace_atomically(file, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    write_atomically(file, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def unsafe_out(path) -> str | None:

@@ -15,8 +15,8 @@ Writes the MS-COCO 2017 layout (train) and the Winoground layout (val, test, tes
 each with scenes.json, the ground truth of every image; reads them back as pixels.
 """
 
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from clip import OPENAI_MEAN, OPENAI_STD
+from weights.networks import write_atomically
 
 # ----------------------------------------------------------------------------- the world
 
@@ -205,13 +206,11 @@ def write_winoground(root: Path, n: int, blocks, rng: np.random.Generator) -> No
     (root / "scenes.json").write_text(json.dumps(scenes))
 
 
-def replace_atomically(file: Path, write) -> None:
-    """write(tmp) beside `file`, then one rename onto it: a reader sees the old file or the new one,
-    never half of one, and a symbolic link at `file` is replaced, not written through."""
-    file = Path(file)
-    tmp = file.with_name(f".{file.name}.tmp")
-    write(tmp)
-    os.replace(tmp, file)
+def image_bytes(image: Image.Image, image_format: str = "PNG") -> bytes:
+    """The image as a file's bytes, for weights.networks.write_atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- read a split; pixels
@@ -299,7 +298,7 @@ def sheet(columns: list[list[tuple[Image.Image, str]]], file: Path) -> None:
                                spacing=2)
             y += side + text_h
     image_format = Image.registered_extensions().get(Path(file).suffix.lower(), "PNG")
-    replace_atomically(file, lambda tmp: canvas.save(tmp, format=image_format))
+    write_atomically(file, image_bytes(canvas, image_format))
 
 
 def contact_sheet(root: Path, file: Path, count: int = 12) -> None:
