@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from eval_winoground import timestep_grid
 from sds import NoiseSchedule, StableDiffusion, denoising_error, encode_prompt
 from weights import coco, runs
 from weights.networks import hub_path, load_clip, load_stable_diffusion, load_tokenizer, save_clip
+from weights.networks import write_atomically
 
 from .probes import binding_probe, hw_picture, read_train, retention
 from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, sha256, unsafe_out, write_json
@@ -410,7 +410,7 @@ def finetune_export(run: Finetune, losses: list[float], start: float) -> Path:
     save_clip(run.clip, out)
     for name in runs.TOKENIZER_FILES:
         if (run.source / name).is_file():
-            shutil.copy(run.source / name, out / name)
+            write_atomically(out / name, (run.source / name).read_bytes())  # as train.py's export
     ranking = run.ranking
     record = {"settings": vars(run.args), "all_weights": run.all_weights,
               "hard_negatives": run.hard_negatives,
