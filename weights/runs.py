@@ -281,14 +281,20 @@ def append_log(run, record: dict) -> None:
                              f"and continue with --resume") from None
 
 
+def save_clip_folder(clip: nn.Module, source: Path, out: Path) -> None:
+    """A complete Hugging Face CLIP folder: the weights and config (save_clip) and the tokenizer
+    files of the CLIP it was fine-tuned from, each written atomically."""
+    save_clip(clip, out)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            write_atomically(out / name, (source / name).read_bytes())
+
+
 def export(model: nn.Module, args) -> None:
     """The fine-tuned CLIP as a Hugging Face folder (transformers' CLIPModel.from_pretrained and
     our load_clip read it), with the source's tokenizer files, and h_w in mapper.safetensors."""
     out, source = Path(args.out), hub_path(args.clip)
-    save_clip(model.clip, out)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            write_atomically(out / name, (source / name).read_bytes())
+    save_clip_folder(model.clip, source, out)
     mapper = {k: v.detach().cpu().contiguous() for k, v in model.mapper.state_dict().items()}
     metadata = {"latent_shape": json.dumps(model.mapper.latent_shape)}
     write_atomically(out / "mapper.safetensors", save(mapper, metadata=metadata))

@@ -42,8 +42,7 @@ from clip import Tokenizer, image_transform
 from eval_winoground import timestep_grid
 from sds import NoiseSchedule, StableDiffusion, denoising_error, encode_prompt
 from weights import coco, runs
-from weights.networks import hub_path, load_clip, load_stable_diffusion, load_tokenizer, save_clip
-from weights.networks import write_atomically
+from weights.networks import hub_path, load_clip, load_stable_diffusion, load_tokenizer
 
 from .probes import binding_probe, hw_picture, read_train, retention
 from .recipe import MODELS_DIR, TOY_DIR, TRAIN_DEFAULTS, build, sha256, unsafe_out, write_json
@@ -407,10 +406,7 @@ def finetune_export(run: Finetune, losses: list[float], start: float) -> Path:
     and run.json beside it: the settings, the parameter counts, the losses, the seconds since
     `start`."""
     out = Path(run.args.out)
-    save_clip(run.clip, out)
-    for name in runs.TOKENIZER_FILES:
-        if (run.source / name).is_file():
-            write_atomically(out / name, (run.source / name).read_bytes())  # as train.py's export
+    runs.save_clip_folder(run.clip, run.source, out)  # as train.py's export
     ranking = run.ranking
     record = {"settings": vars(run.args), "all_weights": run.all_weights,
               "hard_negatives": run.hard_negatives,
